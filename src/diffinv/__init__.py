@@ -1,0 +1,25 @@
+"""diffinv: real-image inversion and text-guided editing with latent diffusion models."""
+
+from .backbone import Backbone, BackboneConfig
+from .errors import DiffinvError
+from .guidance import ProximalGuidance
+from .inversion import (
+    DDIMInversion,
+    Inversion,
+    InversionMethod,
+    NegativePromptInversion,
+    ProximalNegativePromptInversion,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "DDIMInversion",
+    "DiffinvError",
+    "Inversion",
+    "InversionMethod",
+    "NegativePromptInversion",
+    "ProximalGuidance",
+    "ProximalNegativePromptInversion",
+]

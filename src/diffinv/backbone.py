@@ -1,0 +1,219 @@
+"""Loads a Stable Diffusion's parts (diffusers layout) and exposes the few operations inversion needs.
+
+Works for any SD 1.x/2.x checkpoint in diffusers layout (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+``scheduler`` folders), from the hub cache, a local folder, or the embedded shapes model (``"shapes"``).
+The components are loaded one by one (no safety checker, no pipeline object), frozen, and kept as submodules so
+Lightning moves them to the right device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .ddim import Schedule, make_schedule
+from .errors import DiffinvError
+
+EMBEDDED_MODEL = "shapes"
+COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+
+def embedded_model_path() -> Path:
+    """Folder of the shapes model that ships inside the package."""
+    return Path(__file__).resolve().parent / "shapes" / "model"
+
+
+@dataclass
+class BackboneConfig:
+    """Which Stable Diffusion to load."""
+
+    pretrained: str = EMBEDDED_MODEL
+    """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+    (taken from the local hub cache; downloaded only when HF_HUB_OFFLINE is not set), or a local folder in
+    diffusers layout."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub id."""
+    variant: str | None = None
+    """Weight variant to load, e.g. 'fp16' for checkpoints that ship '*.fp16.safetensors'."""
+
+
+def _resolve(pretrained: str) -> tuple[str, bool]:
+    """(path or hub id to load, is_local_folder)."""
+    if pretrained == EMBEDDED_MODEL:
+        path = embedded_model_path()
+        if not (path / "model_index.json").exists():
+            raise DiffinvError(
+                f"the embedded shapes model is missing from {path}: reinstall diffinv, or train it with "
+                "`python scripts/train_shapes_model.py`"
+            )
+        return str(path), True
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DiffinvError(f"model path {path} is a file; expected a folder in diffusers layout ({', '.join(COMPONENTS)})")
+        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            raise DiffinvError(
+                f"model folder {path} lacks {', '.join(missing)}: expected a Stable Diffusion in diffusers layout "
+                f"with the sub-folders {', '.join(COMPONENTS)}"
+            )
+        return str(path), True
+    if pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").replace("/", "", 1):
+        raise DiffinvError(f"model folder {pretrained} does not exist")
+    return pretrained, False
+
+
+def _load_components(source: str, local: bool, config: BackboneConfig):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load_all(local_files_only: bool):
+        kw = dict(revision=config.revision, local_files_only=local_files_only)
+        wkw = dict(kw, variant=config.variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return (
+                AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **wkw),
+                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **wkw),
+                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+                UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **wkw),
+                DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+            )
+
+    try:
+        return load_all(local_files_only=True)
+    except Exception as cached_error:  # noqa: BLE001 - turned into one clear message below
+        if local or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            error = cached_error
+        else:
+            try:
+                return load_all(local_files_only=False)
+            except Exception as download_error:  # noqa: BLE001
+                error = download_error
+    where = f"folder {source}" if local else f"hub model '{source}'"
+    raise DiffinvError(
+        f"could not load the Stable Diffusion {where}: {type(error).__name__}: {str(error).splitlines()[0][:300]}. "
+        + (
+            "Check that the folder holds vae, text_encoder, tokenizer, unet and scheduler as saved by diffusers."
+            if local
+            else f"Download it where there is network (`hf download {source}`), then pass the downloaded folder "
+            "with --model.backbone.pretrained, or use the embedded model ('shapes')."
+        )
+    )
+
+
+class Backbone(nn.Module):
+    """A frozen Stable Diffusion: VAE, text encoder + tokenizer, UNet, and its noise schedule."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: str = "custom"):
+        super().__init__()
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.name = name
+        self.requires_grad_(False)
+        self.eval()
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().double(), persistent=False)
+        self._prompt_cache: dict[str, Tensor] = {}
+
+    @classmethod
+    def load(cls, config: BackboneConfig | None = None) -> "Backbone":
+        config = config or BackboneConfig()
+        source, local = _resolve(config.pretrained)
+        vae, text_encoder, tokenizer, unet, scheduler = _load_components(source, local, config)
+        return cls(vae, text_encoder, tokenizer, unet, scheduler, name=config.pretrained)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        return super().train(False)  # always frozen: no dropout, no norm updates
+
+    # --- geometry -------------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        sample = self.unet.config.sample_size
+        return (sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # --- images <-> latents -----------------------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Latents z0 (B, C, H/f, W/f) of images (B, 3, H, W) in [0, 1]: the posterior mean, scaled."""
+        vae = self.vae
+        x = (images * 2 - 1).to(device=self.device, dtype=next(vae.parameters()).dtype)
+        z = vae.encode(x).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from latents. Runs in float32 (fp16 VAE decoding overflows to NaN)."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.float() / vae.config.scaling_factor + shift
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            x = vae.decode(z.to(next(vae.parameters()).dtype)).sample.float()
+        return ((x + 1) / 2).clamp(0, 1)
+
+    # --- text -------------------------------------------------------------------------------------------------
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text embeddings (B, L, D), computed once per distinct prompt and cached.
+
+        A prompt longer than the tokenizer's limit is truncated with a warning naming it.
+        """
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache or (
+            self._prompt_cache[p].is_inference() and not torch.is_inference_mode_enabled())]
+        if missing:
+            limit = self.tokenizer.model_max_length
+            for p in missing:
+                n = len(self.tokenizer(p, truncation=False, verbose=False).input_ids)
+                if n > limit:
+                    warnings.warn(
+                        f"prompt {p!r} is {n} tokens long, over the text encoder's limit of {limit}: it is truncated "
+                        f"to its first {limit - 2} words/pieces",
+                        stacklevel=2,
+                    )
+            ids = self.tokenizer(missing, padding="max_length", max_length=limit, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            with torch.no_grad():
+                emb = self.text_encoder(ids)[0].float()
+            self._prompt_cache.update(zip(missing, emb))
+        return torch.stack([self._prompt_cache[p].to(self.device) for p in prompts])
+
+    # --- noise ------------------------------------------------------------------------------------------------
+    def eps(self, z: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        """The UNet's noise prediction eps_theta(z, t, emb), converted from v-prediction where the model uses it."""
+        dtype = next(self.unet.parameters()).dtype
+        out = self.unet(z.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample.to(z.dtype)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return out
+        a = self.alphas_cumprod[t].to(z.dtype)
+        if kind == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * z
+        if kind == "sample":
+            return (z - a.sqrt() * out) / (1 - a).sqrt()
+        raise DiffinvError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+
+    def schedule(self, num_steps: int) -> Schedule:
+        """Timesteps and levels of an N-step DDIM run, per the model's scheduler config (spacing, offset, alphas)."""
+        if num_steps < 1 or num_steps > self.scheduler.config.num_train_timesteps:
+            raise DiffinvError(
+                f"num_inference_steps must be in 1..{self.scheduler.config.num_train_timesteps}, got {num_steps}"
+            )
+        self.scheduler.set_timesteps(num_steps)
+        final = float(self.scheduler.final_alpha_cumprod)
+        s = make_schedule(self.alphas_cumprod.cpu(), self.scheduler.timesteps, final)
+        return Schedule(timesteps=s.timesteps.to(self.device), alphas=s.alphas.to(self.device))

@@ -1,0 +1,117 @@
+"""Writes each item's results: PNGs, the inversion record, and lines of ``metrics.jsonl``.
+
+Layout (the output contract)::
+
+    OUTPUT_DIR/metrics.jsonl              one JSON line per reconstruction / edit, appended
+    OUTPUT_DIR/<id>/source.png            the image as inverted (after resizing/cropping)
+    OUTPUT_DIR/<id>/reconstruction.png
+    OUTPUT_DIR/<id>/edit-<k>.png          one per target prompt, k = 0, 1, ...
+    OUTPUT_DIR/<id>/inversion.safetensors the Inversion record (written last: its presence marks a finished item)
+    OUTPUT_DIR/<id>/metrics.json          the item's metric lines
+
+An item is built in a hidden ``.<id>.partial`` folder and renamed into place when complete, so an interrupted
+run never leaves a half-written item that looks finished; finished items are skipped by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .data import DONE_MARKER
+from .inversion.base import ItemResult
+from .metrics import psnr, ssim
+
+
+def save_png(image, path: Path) -> None:
+    from PIL import Image
+
+    arr = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else ("inf" if x > 0 else "nan")
+
+
+def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: float) -> list[dict]:
+    n = 1 + len(r.edits)
+    seconds = r.seconds_inversion + r.seconds_sampling
+    lines = []
+    for k, (img, target, name) in enumerate(
+        [(r.reconstruction, None, "reconstruction.png")]
+        + [(e, t, f"edit-{i}.png") for i, (e, t) in enumerate(zip(r.edits, r.target_prompts))]
+    ):
+        lines.append({
+            "id": r.id,
+            "method": method,
+            "model": model,
+            "kind": "reconstruction" if target is None else "edit",
+            "source_prompt": r.inversion.source_prompt,
+            "target_prompt": target,
+            "psnr": _finite(psnr(img, r.source)),
+            "ssim": ssim(img, r.source),
+            "seconds": seconds,
+            "seconds_inversion": r.seconds_inversion,
+            "seconds_sampling": r.seconds_sampling,
+            "seconds_sampling_per_image": r.seconds_sampling / n,
+            "num_inference_steps": r.inversion.num_steps,
+            "guidance_scale": guidance,
+            "image_size": list(img.shape[-2:]),
+            "image_path": f"{r.id}/{name}",
+            **r.extra,
+        })
+    return lines
+
+
+def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: int, guidance: float) -> list[dict]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / r.id
+    tmp = output_dir / f".{r.id}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_png(r.source, tmp / "source.png")
+    save_png(r.reconstruction, tmp / "reconstruction.png")
+    for k, e in enumerate(r.edits):
+        save_png(e, tmp / f"edit-{k}.png")
+    lines = metric_lines(r, method, model, steps, guidance)
+    (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
+    r.inversion.save(tmp / DONE_MARKER)
+    if final.exists():  # an unfinished folder from an interrupted run (finished ones were skipped)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    with open(output_dir / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    return lines
+
+
+class InversionWriter(BasePredictionWriter):
+    """Writes every predicted item under ``output_dir`` (see the module docstring for the layout)."""
+
+    def __init__(self, output_dir: str = "outputs"):
+        """
+        Args:
+            output_dir: Set by the CLI's --output_dir.
+        """
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for r in prediction:
+            write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
+                       pl_module.num_inference_steps, pl_module.guidance_scale)
+            self.written += 1
+
+    def on_predict_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            print(f"diffinv: wrote {self.written} item(s) to {self.output_dir} (metrics in {self.output_dir / 'metrics.jsonl'})")

@@ -1,0 +1,227 @@
+"""Inputs: images with their source and target prompts, as a LightningDataModule.
+
+Images are read once, up front (so a bad file stops the run before anything is written), with EXIF orientation
+applied and any mode converted to 8-bit RGB (grayscale, palette, CMYK, 16-bit; transparency is composited on
+white). Resizing to the model happens in the method, which knows the model: the shorter side is scaled to
+``resolution`` (default: the model's native size), then each side is centre-cropped down to a multiple of the
+VAE's downsampling factor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import DiffinvError
+
+EXAMPLES = Path(__file__).resolve().parent / "examples" / "captions.jsonl"
+DONE_MARKER = "inversion.safetensors"
+
+
+@dataclass
+class Item:
+    id: str
+    image: np.ndarray
+    """(H, W, 3) uint8 RGB, at the file's own size."""
+    source_prompt: str
+    target_prompts: list[str] = field(default_factory=list)
+    resolution: int | None = None
+    square: bool = False
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, upright per its EXIF orientation."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise DiffinvError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DiffinvError(f"cannot read image {path}: not an image file or corrupt ({e})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / hi * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    im = im.convert("RGB")
+    if min(im.size) < 1:
+        raise DiffinvError(f"image {path} is empty ({im.size[0]}x{im.size[1]})")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def fit_to_model(image: np.ndarray, resolution: int, factor: int, square: bool = False) -> np.ndarray:
+    """Scale the shorter side to ``resolution``, then centre-crop each side to a multiple of ``factor``.
+
+    ``square`` first centre-crops to a square (the NPI paper's COCO protocol).
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if square and h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        image, h, w = image[top : top + s, left : left + s], s, s
+    scale = resolution / min(h, w)
+    nh, nw = max(factor, round(h * scale)), max(factor, round(w * scale))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS))
+    ch, cw = nh - nh % factor, nw - nw % factor
+    top, left = (nh - ch) // 2, (nw - cw) // 2
+    return np.ascontiguousarray(image[top : top + ch, left : left + cw])
+
+
+def check_prompt(prompt, what: str) -> str:
+    if not isinstance(prompt, str):
+        raise DiffinvError(f"{what} must be a string, got {type(prompt).__name__}: {prompt!r}")
+    if not prompt.strip():
+        raise DiffinvError(f"{what} is empty: give a caption of the image (source) or of the wanted edit (target)")
+    return prompt.strip()
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "item"
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a captions.jsonl: ``{"image", "source_prompt", "target_prompts"[, "id"]}``, image paths resolved
+    against the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffinvError(f"manifest {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DiffinvError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "image" not in row or "source_prompt" not in row:
+            raise DiffinvError(f"{path}:{n}: each line needs at least \"image\" and \"source_prompt\"")
+        targets = row.get("target_prompts", [])
+        if isinstance(targets, str):
+            targets = [targets]
+        image = Path(row["image"]).expanduser()
+        rows.append({
+            "image": image if image.is_absolute() else path.parent / image,
+            "source_prompt": row["source_prompt"],
+            "target_prompts": targets,
+            "id": row.get("id"),
+            "where": f"{path}:{n}",
+        })
+    if not rows:
+        raise DiffinvError(f"manifest {path} has no items")
+    return rows
+
+
+def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[Item]:
+    items, seen = [], set()
+    for row in rows:
+        where = row.get("where", "command line")
+        source = check_prompt(row["source_prompt"], f"source_prompt ({where})")
+        if not isinstance(row["target_prompts"], list):
+            raise DiffinvError(f"target_prompts ({where}) must be a list of strings")
+        targets = [check_prompt(t, f"target prompt {k} ({where})") for k, t in enumerate(row["target_prompts"])]
+        base = _safe_id(row.get("id") or Path(row["image"]).stem)
+        uid, n = base, 1
+        while uid in seen:
+            n += 1
+            uid = f"{base}-{n}"
+        seen.add(uid)
+        items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square))
+    return items
+
+
+def collate(items: list[Item]) -> list[Item]:
+    return items
+
+
+class InversionData(L.LightningDataModule):
+    """Images and prompts to invert and edit: one from the command line, a manifest, or the bundled example."""
+
+    def __init__(
+        self,
+        image: str | None = None,
+        source_prompt: str | None = None,
+        target_prompts: list[str] | None = None,
+        manifest: str | None = None,
+        resolution: int | None = None,
+        square: bool = False,
+        batch_size: int = 1,
+        output_dir: str | None = None,
+    ):
+        """
+        Args:
+            image: One image file to invert (with ``source_prompt``). Neither this nor ``manifest``: the bundled
+                shapes example.
+            source_prompt: Caption of ``image``.
+            target_prompts: Edit prompts for ``image``; none = reconstruction only.
+            manifest: A captions.jsonl, one JSON object per line: {"image": path (relative to the manifest's
+                folder), "source_prompt": str, "target_prompts": [str, ...], "id": optional name}.
+            resolution: Shorter image side after resizing; default: the model's native size (512 for SD 1.x).
+            square: Centre-crop images to a square first (the NPI paper's COCO protocol).
+            batch_size: Images inverted together in one step.
+            output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
+        """
+        super().__init__()
+        if image is not None and manifest is not None:
+            raise DiffinvError("give either --data.image (with --data.source_prompt) or --data.manifest, not both")
+        if image is None and (source_prompt is not None or target_prompts):
+            raise DiffinvError("--data.source_prompt/--data.target_prompts need --data.image")
+        if image is not None and source_prompt is None:
+            raise DiffinvError("--data.image needs --data.source_prompt (a caption of the image)")
+        if batch_size < 1:
+            raise DiffinvError(f"batch_size must be >= 1, got {batch_size}")
+        if resolution is not None and resolution < 1:
+            raise DiffinvError(f"resolution must be positive, got {resolution}")
+        self.image, self.source_prompt, self.target_prompts = image, source_prompt, list(target_prompts or [])
+        self.manifest, self.resolution, self.square = manifest, resolution, square
+        self.batch_size, self.output_dir = batch_size, output_dir
+        self.items: list[Item] | None = None
+        self.skipped: list[str] = []
+
+    def rows(self) -> list[dict]:
+        if self.image is not None:
+            return [{"image": Path(self.image).expanduser(), "source_prompt": self.source_prompt,
+                     "target_prompts": self.target_prompts}]
+        return read_manifest(self.manifest or EXAMPLES)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.items is not None:
+            return
+        items = build_items(self.rows(), self.resolution, self.square)
+        if self.output_dir is not None:
+            done = {i.id for i in items if (Path(self.output_dir) / i.id / DONE_MARKER).exists()}
+            self.skipped = sorted(done)
+            items = [i for i in items if i.id not in done]
+            if done:
+                print(f"diffinv: skipping {len(done)} item(s) already finished in {self.output_dir} "
+                      f"({', '.join(self.skipped[:5])}{'...' if len(done) > 5 else ''}); delete their folders to redo them")
+        self.items = items
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+
+    predict_dataloader = _loader
+    train_dataloader = _loader
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255

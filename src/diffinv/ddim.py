@@ -1,0 +1,80 @@
+"""DDIM math, pure torch. Symbols follow the negative-prompt inversion paper (NPI, Miyake et al.).
+
+``alpha`` is the cumulative product of the noise schedule (diffusers' ``alphas_cumprod``), written alpha_t in
+the paper. A run of N steps visits N + 1 noise *levels*: level 0 is the clean latent (alpha = the scheduler's
+"final" alpha: 1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``), level k >= 1 is the k-th smallest
+sampling timestep t_k.
+
+Alignment (the off-by-one that diffusers users hit, PR #3436/#5145): the step between levels k-1 and k uses the
+UNet at timestep t_k in *both* directions. Sampling evaluates eps(z_k, t_k); inversion evaluates
+eps(z*_{k-1}, t_k), the paper's approximation eps(z*_{t-1}, t-1) ~ eps(z*_t, t) taken on the target level's
+timestep, exactly as the prompt-to-prompt reference does. Then an inversion step followed by a sampling step with
+the same eps returns the input exactly (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def predict_x0(z: Tensor, eps: Tensor, alpha: Tensor | float) -> Tensor:
+    """x0 predicted from z at level alpha: (z - sqrt(1 - alpha) eps) / sqrt(alpha) (ProxNPI Alg. 1 line 8)."""
+    alpha = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
+    return (z - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def from_x0(x0: Tensor, eps: Tensor, alpha: Tensor | float) -> Tensor:
+    """The latent at level alpha with clean part x0 and noise eps (ProxNPI Alg. 1 line 12)."""
+    alpha = torch.as_tensor(alpha, dtype=x0.dtype, device=x0.device)
+    return alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
+
+
+def ddim_step(z: Tensor, eps: Tensor, alpha_from: Tensor | float, alpha_to: Tensor | float) -> Tensor:
+    """One deterministic DDIM move of z from level alpha_from to level alpha_to with noise prediction eps.
+
+    Towards less noise it is the sampling step (NPI eq. 2); towards more noise it is the inversion step (NPI
+    eq. 3). Both equal sqrt(a_to / a_from) z + sqrt(a_to) (sqrt(1/a_to - 1) - sqrt(1/a_from - 1)) eps.
+    """
+    return from_x0(predict_x0(z, eps, alpha_from), eps, alpha_to)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The timesteps of an N-step run and the alpha of each of its N + 1 levels."""
+
+    timesteps: Tensor
+    """(N,) UNet timesteps t_1 < ... < t_N (level k >= 1 is at t_k)."""
+    alphas: Tensor
+    """(N + 1,) alpha of level 0 (clean) .. level N (z_T), float64."""
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def make_schedule(alphas_cumprod: Tensor, timesteps: Tensor, final_alpha_cumprod: float) -> Schedule:
+    """Levels for the given sampling ``timesteps`` (any order; e.g. a diffusers scheduler's ``timesteps``)."""
+    ts = torch.sort(torch.as_tensor(timesteps, dtype=torch.long)).values
+    if len(ts) == 0 or len(torch.unique(ts)) != len(ts):
+        raise ValueError(f"need distinct sampling timesteps, got {timesteps.tolist()}")
+    alphas = torch.cat([torch.tensor([final_alpha_cumprod], dtype=torch.float64), alphas_cumprod.double()[ts]])
+    return Schedule(timesteps=ts, alphas=alphas)
+
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+"""eps_fn(z, t) -> noise prediction for latents z (B, C, H, W) at UNet timestep t (a 0-d long tensor)."""
+
+
+def invert(eps_fn: EpsFn, z0: Tensor, schedule: Schedule) -> Tensor:
+    """DDIM inversion (NPI eq. 3): the trajectory z*_0 .. z*_N as a (N + 1, B, C, H, W) tensor."""
+    trajectory = [z0]
+    z = z0
+    for k in range(1, schedule.num_steps + 1):
+        t = schedule.timesteps[k - 1]
+        z = ddim_step(z, eps_fn(z, t), schedule.alphas[k - 1], schedule.alphas[k])
+        trajectory.append(z)
+    return torch.stack(trajectory)

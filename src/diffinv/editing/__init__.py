@@ -1,0 +1,5 @@
+"""Sampling from inverted latents: reconstruction and prompt edits."""
+
+from .sampler import sample
+
+__all__ = ["sample"]

@@ -1,0 +1,81 @@
+"""Reverse DDIM from inverted latents under classifier-free or proximal guidance, batched over rows.
+
+A *row* is one image to produce: an item's reconstruction (condition = its source prompt) or one of its edits
+(condition = a target prompt). All rows advance together, one UNet call per step for the conditional and the
+unconditional branches of every row (rows whose unconditional embedding *is* their condition, like NPI's
+reconstruction row, are evaluated once).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backbone import Backbone
+from ..ddim import Schedule, from_x0, predict_x0
+from ..guidance import ProximalGuidance, cfg, proximal_eps
+
+
+def sample(
+    backbone: Backbone,
+    schedule: Schedule,
+    z_T: Tensor,
+    cond: Tensor,
+    uncond: Tensor,
+    guidance_scale: float,
+    uncond_is_cond: Tensor | None = None,
+    proximal: ProximalGuidance | None = None,
+    groups: Tensor | None = None,
+    z0: Tensor | None = None,
+    trajectory: Tensor | None = None,
+) -> Tensor:
+    """Latents z_0 (B, C, h, w) reached from z_T by N reverse DDIM steps (NPI eq. 2).
+
+    Args:
+        z_T: (B, C, h, w) start latents.
+        cond: (B, L, D) condition embedding of each row.
+        uncond: (B, L, D) unconditional embedding of each row, or (N, B, L, D) one per step (index k-1 for the
+            step from level k), as null-text inversion learns.
+        guidance_scale: w of classifier-free guidance (eq. 1) or of proximal guidance.
+        uncond_is_cond: (B,) bool: rows whose unconditional branch equals the conditional one (computed once).
+        proximal: ProxNPI guidance: ``uncond`` plays eps_src and ``cond`` eps_tar (Alg. 1 lines 4-6).
+        groups: (B,) rows sharing one proximal threshold (see ``ProximalGuidance.scope``).
+        z0: (B, C, h, w) source latents, for reconstruction guidance.
+        trajectory: (N + 1, B, C, h, w) inversion trajectories, for inversion guidance.
+    """
+    B = z_T.shape[0]
+    n = schedule.num_steps
+    per_step = uncond.dim() == 4
+    if per_step and uncond.shape[0] != n:
+        raise ValueError(f"per-step unconditional embeddings cover {uncond.shape[0]} steps, the run has {n}")
+    need_u = torch.ones(B, dtype=torch.bool, device=z_T.device) if uncond_is_cond is None else ~uncond_is_cond.to(z_T.device)
+    if proximal is not None:
+        groups = torch.arange(B, device=z_T.device) if groups is None or proximal.scope == "sample" else groups
+        if proximal.reconstruction_guidance and z0 is None:
+            raise ValueError("reconstruction guidance needs the source latents z0")
+        if proximal.inversion_guidance and trajectory is None:
+            raise ValueError("inversion guidance needs the inversion trajectory")
+    z = z_T
+    for k in range(n, 0, -1):  # level k -> k-1
+        t = schedule.timesteps[k - 1]
+        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
+        u = uncond[k - 1] if per_step else uncond
+        # 1. One UNet call: conditional branch of every row, unconditional branch of the rows that need it.
+        eps_all = backbone.eps(torch.cat([z, z[need_u]]), t, torch.cat([cond, u[need_u]]))
+        eps_c = eps_all[:B]
+        eps_u = eps_c.clone()
+        eps_u[need_u] = eps_all[B:]
+        # 2. Guidance: CFG (eq. 1) or proximal guidance (ProxNPI Alg. 1 lines 6-7).
+        if proximal is None:
+            eps = cfg(eps_u, eps_c, guidance_scale)
+        else:
+            eps, keep = proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups)
+        # 3. DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
+        x0 = predict_x0(z, eps, a_t)
+        guide = proximal is not None and int(t) < proximal.until_timestep
+        if guide and proximal.reconstruction_guidance:
+            x0 = x0 - proximal.step_size * keep * (x0 - z0)  # Alg. 1 line 10
+        z = from_x0(x0, eps, a_prev)
+        if guide and proximal.inversion_guidance:
+            z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
+    return z

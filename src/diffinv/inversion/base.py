@@ -1,0 +1,210 @@
+"""The LightningModule every inversion method derives from: invert, then reconstruct and edit, under predict.
+
+The method-specific parts are small hooks: :meth:`InversionMethod.invert_latents` (what the method computes
+from the DDIM trajectory) and :meth:`InversionMethod.unconditional` (the unconditional branch of sampling).
+Everything else — preprocessing, batching, sampling, decoding, timing — is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..backbone import Backbone, BackboneConfig
+from ..data import Item, fit_to_model, image_tensor
+from ..ddim import Schedule, invert
+from ..editing.sampler import sample
+from ..errors import DiffinvError
+from ..guidance import ProximalGuidance
+from .record import Inversion
+
+
+@dataclass
+class ItemResult:
+    """What one item produced: images (3, H, W) in [0, 1] on the CPU, the record, and timings."""
+
+    id: str
+    source: Tensor
+    reconstruction: Tensor
+    edits: list[Tensor]
+    target_prompts: list[str]
+    inversion: Inversion
+    seconds_inversion: float
+    seconds_sampling: float
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InversionMethod(L.LightningModule):
+    """Base of all inversion methods (not used directly: pick a subclass in the config)."""
+
+    method_name: ClassVar[str] = "base"
+    proximal: ProximalGuidance | None = None
+
+    def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5):
+        """
+        Args:
+            backbone: The Stable Diffusion to use; default: the embedded shapes model.
+            num_inference_steps: DDIM steps of inversion and sampling (the papers use 50).
+            guidance_scale: Classifier-free guidance scale w of reconstruction and edits (the papers use 7.5).
+        """
+        super().__init__()
+        if num_inference_steps < 1:
+            raise DiffinvError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.backbone_config = backbone or BackboneConfig()
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self._backbone: Backbone | None = None
+
+    def configure_model(self) -> None:
+        """Load the frozen backbone (Lightning calls this before moving the module to its device; loading here,
+        not in ``__init__``, keeps config parsing, ``--help`` and errors free of weight loading)."""
+        if self._backbone is None:
+            backbone = Backbone.load(self.backbone_config)
+            self._backbone = backbone.to(self.device)
+
+    @property
+    def backbone(self) -> Backbone:
+        self.configure_model()
+        return self._backbone
+
+    def configure_optimizers(self):
+        return None
+
+    # --- hooks ------------------------------------------------------------------------------------------------
+    def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
+        """DDIM inversion at w = 1 with the source prompt (NPI eq. 3). Returns Inversion fields per batch:
+        ``trajectory`` (N + 1, B, ...) plus any of ``unconditional`` (B, N, L, D), ``z_T``, ``extra``."""
+        return {"trajectory": invert(lambda z, t: self.backbone.eps(z, t, source_emb), z0, schedule)}
+
+    def unconditional(self, inversion: Inversion) -> Tensor:
+        """Unconditional embedding of this method's sampling: (L, D) or per step (N, L, D)."""
+        raise NotImplementedError
+
+    def unconditional_is_source(self, inversion: Inversion) -> bool:
+        """True where :meth:`unconditional` returns the source prompt's embedding (NPI): the reconstruction row's
+        two branches then coincide and are computed once."""
+        return False
+
+    # --- pipeline ---------------------------------------------------------------------------------------------
+    def prepare_images(self, items: list[Item]) -> Tensor:
+        bb = self.backbone
+        arrays = [fit_to_model(i.image, i.resolution or bb.native_resolution, bb.vae_scale_factor, i.square) for i in items]
+        return torch.stack([image_tensor(a) for a in arrays]).to(self.device)
+
+    def invert_items(self, items: list[Item], images: Tensor) -> list[Inversion]:
+        """Invert a batch of same-size images; one Inversion per item."""
+        schedule = self.backbone.schedule(self.num_inference_steps)
+        source_emb = self.backbone.encode_prompts([i.source_prompt for i in items])
+        z0 = self.backbone.encode_image(images)
+        out = self.invert_latents(z0, source_emb, schedule)
+        records = []
+        for b, item in enumerate(items):
+            records.append(Inversion(
+                z0=z0[b],
+                trajectory=out["trajectory"][:, b],
+                timesteps=schedule.timesteps,
+                source_image=(images[b] * 255).round().to(torch.uint8),
+                source_prompt=item.source_prompt,
+                method=self.method_name,
+                model=self.backbone_config.pretrained,
+                guidance_scale=self.guidance_scale,
+                unconditional=out["unconditional"][b] if "unconditional" in out else None,
+                z_T=out["z_T"][b] if "z_T" in out else None,
+                extra={k: v[b] for k, v in out.get("extra", {}).items()},
+                meta=out.get("meta", {}),
+            ))
+        return records
+
+    def edit(self, inversions: list[Inversion], target_prompts: list[list[str]]) -> list[tuple[Tensor, list[Tensor]]]:
+        """Reconstruct each inversion (row 0: its source prompt) and apply its target prompts (rows 1..K), all
+        rows of all items batched. Returns (reconstruction latent, [edit latents]) per item."""
+        n = inversions[0].num_steps
+        if any(inv.num_steps != n for inv in inversions):
+            raise DiffinvError("inversions with different step counts cannot be sampled in one batch")
+        schedule = self.backbone.schedule(n)
+        if not torch.equal(schedule.timesteps.cpu(), inversions[0].timesteps.cpu()):
+            raise DiffinvError(f"the inversion's timesteps do not match this model's {n}-step schedule "
+                               "(was it made with another model or scheduler?)")
+        prompts, rows_of, z_T, uncond, same, groups, z0, traj = [], [], [], [], [], [], [], []
+        for g, (inv, targets) in enumerate(zip(inversions, target_prompts)):
+            u = self.unconditional(inv).to(self.device)
+            rows = [inv.source_prompt, *targets]
+            rows_of.append(len(rows))
+            prompts += rows
+            for r in range(len(rows)):
+                z_T.append(inv.start_latent)
+                uncond.append(u)
+                same.append(r == 0 and self.unconditional_is_source(inv))
+                groups.append(g)
+                z0.append(inv.z0)
+                traj.append(inv.trajectory)
+        if any(u.dim() == 3 for u in uncond):
+            uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
+            uncond_t = torch.stack(uncond, dim=1)
+        else:
+            uncond_t = torch.stack(uncond)
+        dev = self.device
+        latents = sample(
+            self.backbone, schedule,
+            z_T=torch.stack(z_T).to(dev),
+            cond=self.backbone.encode_prompts(prompts),
+            uncond=uncond_t,
+            guidance_scale=self.guidance_scale,
+            uncond_is_cond=torch.tensor(same, device=dev),
+            proximal=self.proximal,
+            groups=torch.tensor(groups, device=dev),
+            z0=torch.stack(z0).to(dev),
+            trajectory=torch.stack(traj, dim=1).to(dev),
+        )
+        out, start = [], 0
+        for count in rows_of:
+            out.append((latents[start], list(latents[start + 1 : start + count])))
+            start += count
+        return out
+
+    def run_items(self, items: list[Item]) -> list[ItemResult]:
+        """Invert, reconstruct and edit items of one image size."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        images = self.prepare_images(items)
+        inversions = self.invert_items(items, images)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        edited = self.edit(inversions, [i.target_prompts for i in items])
+        flat = [z for rec, edits in edited for z in (rec, *edits)]
+        decoded = self.backbone.decode(torch.stack(flat)).cpu()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        results, start = [], 0
+        for b, (item, inv) in enumerate(zip(items, inversions)):
+            count = 1 + len(item.target_prompts)
+            results.append(ItemResult(
+                id=item.id,
+                source=images[b].cpu(),
+                reconstruction=decoded[start],
+                edits=list(decoded[start + 1 : start + count]),
+                target_prompts=item.target_prompts,
+                inversion=inv,
+                seconds_inversion=(t1 - t0) / len(items),
+                seconds_sampling=(t2 - t1) / len(items),
+            ))
+            start += count
+        return results
+
+    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
+        by_size: dict[tuple, list[Item]] = {}
+        bb = self.backbone
+        for item in batch:
+            shape = fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor, item.square).shape
+            by_size.setdefault(shape, []).append(item)
+        return [r for group in by_size.values() for r in self.run_items(group)]

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from diffinv.backbone import Backbone, BackboneConfig
+from diffinv.errors import DiffinvError
+
+
+def test_loads_a_diffusers_folder_frozen(tiny_backbone):
+    bb = tiny_backbone
+    assert not any(p.requires_grad for p in bb.parameters())
+    assert bb.vae_scale_factor == 2 and bb.native_resolution == 16
+    x = torch.rand(2, 3, 16, 16)
+    z = bb.encode_image(x)
+    assert z.shape == (2, 4, 8, 8)
+    assert bb.decode(z).shape == (2, 3, 16, 16)
+
+
+def test_prompt_embeddings_are_cached_and_long_prompts_warn(tiny_backbone):
+    bb = tiny_backbone
+    a = bb.encode_prompts(["a cat", "a dog", "a cat"])
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    calls = []
+    handle = bb.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        bb.encode_prompts(["a cat"])
+        assert calls == []  # cached
+        with pytest.warns(UserWarning, match="over the text encoder's limit of 8: it is truncated"):
+            bb.encode_prompts(["a big red car on the grass of a dog"])
+    finally:
+        handle.remove()
+
+
+def test_schedule_follows_the_scheduler_config(tiny_backbone):
+    s = tiny_backbone.schedule(10)
+    assert s.timesteps.tolist() == list(range(1, 1000, 100))  # 'leading' spacing, steps_offset 1
+    with pytest.raises(DiffinvError, match="num_inference_steps"):
+        tiny_backbone.schedule(0)
+
+
+def test_v_prediction_is_converted_to_eps(tiny_backbone):
+    bb = tiny_backbone
+    z, t, emb = torch.randn(1, 4, 8, 8), torch.tensor(501), bb.encode_prompts(["a cat"])
+    raw = bb.unet(z, t, encoder_hidden_states=emb).sample
+    bb.scheduler.register_to_config(prediction_type="v_prediction")
+    try:
+        a = bb.alphas_cumprod[t].float()
+        torch.testing.assert_close(bb.eps(z, t, emb), a.sqrt() * raw + (1 - a).sqrt() * z)
+    finally:
+        bb.scheduler.register_to_config(prediction_type="epsilon")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/nonexistent/sd", "model folder /nonexistent/sd does not exist"),
+    ("someone/not-a-model", "could not load the Stable Diffusion hub model 'someone/not-a-model'.*hf download"),
+])
+def test_missing_models_fail_with_one_clear_message(name, message):
+    with pytest.raises(DiffinvError, match=message):
+        Backbone.load(BackboneConfig(pretrained=name))
+
+
+def test_incomplete_folder_names_what_is_missing(tmp_path):
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(DiffinvError, match="lacks text_encoder, tokenizer, unet, scheduler"):
+        Backbone.load(BackboneConfig(pretrained=str(tmp_path)))

@@ -1,0 +1,102 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffinv.data import InversionData, fit_to_model, load_image, read_manifest
+from diffinv.errors import DiffinvError
+
+
+def test_modes_are_converted_to_8bit_rgb(tmp_path):
+    Image.new("L", (10, 6), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (10, 6), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.fromarray(np.full((6, 10), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    Image.new("CMYK", (10, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("P", (10, 6), 3).save(tmp_path / "pal.png")
+    gray = load_image(tmp_path / "gray.png")
+    assert gray.shape == (6, 10, 3) and gray.dtype == np.uint8 and (gray == 128).all()
+    assert (load_image(tmp_path / "clear.png") == 255).all()  # transparent -> composited on white
+    assert (load_image(tmp_path / "deep.png") == 255).all()  # 16-bit full scale -> 255, not clipped garbage
+    cmyk = load_image(tmp_path / "cmyk.jpg")
+    assert cmyk.shape == (6, 10, 3) and cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60
+    assert load_image(tmp_path / "pal.png").shape == (6, 10, 3)
+
+
+def test_exif_orientation_is_respected(tmp_path):
+    img = Image.new("RGB", (20, 10), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=100)
+    arr = load_image(tmp_path / "rot.jpg")
+    assert arr.shape == (20, 10, 3)  # displayed upright: portrait
+    assert arr[:10].mean() > 200 and arr[10:].mean() < 50  # white half now on top
+
+
+def test_unreadable_and_missing_files_name_the_problem(tmp_path):
+    (tmp_path / "notimage.png").write_text("hello")
+    with pytest.raises(DiffinvError, match="cannot read image .*notimage.png"):
+        load_image(tmp_path / "notimage.png")
+    with pytest.raises(DiffinvError, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_fit_to_model_resizes_and_crops_to_the_vae_factor():
+    img = np.zeros((30, 45, 3), dtype=np.uint8)
+    out = fit_to_model(img, resolution=20, factor=8)
+    assert out.shape == (16, 24, 3)  # 30x45 -> 20x30 -> cropped to multiples of 8
+    assert fit_to_model(img, resolution=16, factor=4, square=True).shape == (16, 16, 3)
+    same = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    assert np.array_equal(fit_to_model(same, 32, 4), same)  # already fits: untouched
+
+
+def write_manifest(tmp_path, rows):
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "captions.jsonl"
+
+
+def test_manifest_paths_are_relative_to_its_folder_and_ids_unique(tmp_path):
+    m = write_manifest(tmp_path, [{"image": "a.png", "source_prompt": "x", "target_prompts": ["y"]},
+                                  {"image": "a.png", "source_prompt": "x"}])
+    dm = InversionData(manifest=str(m))
+    dm.setup()
+    assert [i.id for i in dm.items] == ["a", "a-2"]
+    assert dm.items[1].target_prompts == []
+    assert read_manifest(m)[0]["image"] == tmp_path / "a.png"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": "a.png", "source_prompt": "  "}, "source_prompt .* is empty"),
+    ({"image": "a.png", "source_prompt": "x", "target_prompts": ["ok", ""]}, "target prompt 1 .* is empty"),
+    ({"image": "missing.png", "source_prompt": "x"}, "missing.png does not exist"),
+    ({"source_prompt": "x"}, "needs at least"),
+])
+def test_bad_manifest_rows_fail_before_anything_runs(tmp_path, row, message):
+    m = write_manifest(tmp_path, [{"image": "a.png", "source_prompt": "fine"}, row])
+    with pytest.raises(DiffinvError, match=message):
+        InversionData(manifest=str(m)).setup()
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"image": "a.png", "source_prompt": "x"}\n{oops\n')
+    with pytest.raises(DiffinvError, match=r"c.jsonl:2: not valid JSON"):
+        read_manifest(tmp_path / "c.jsonl")
+
+
+def test_command_line_item_and_conflicts(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "one.png")
+    dm = InversionData(image=str(tmp_path / "one.png"), source_prompt="a cat", target_prompts=["a dog", "a car"])
+    dm.setup()
+    assert dm.items[0].target_prompts == ["a dog", "a car"]
+    with pytest.raises(DiffinvError, match="needs --data.source_prompt"):
+        InversionData(image=str(tmp_path / "one.png"))
+    with pytest.raises(DiffinvError, match="not both"):
+        InversionData(image="x.png", source_prompt="a", manifest="m.jsonl")
+
+
+def test_bundled_example_is_the_default():
+    dm = InversionData()
+    dm.setup()
+    assert len(dm.items) >= 1 and all(i.target_prompts for i in dm.items)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from diffinv import Inversion
+from diffinv.errors import DiffinvError
+
+
+def record(**kw):
+    n = 4
+    base = dict(z0=torch.randn(4, 2, 2), trajectory=torch.randn(n + 1, 4, 2, 2), timesteps=torch.arange(n) * 10 + 1,
+                source_image=torch.zeros(3, 8, 8, dtype=torch.uint8), source_prompt="a cat", method="npi",
+                model="shapes", guidance_scale=7.5)
+    return Inversion(**(base | kw))
+
+
+def test_round_trip_with_optional_fields(tmp_path):
+    r = record(unconditional=torch.randn(4, 8, 16), z_T=torch.randn(4, 2, 2), extra={"bias": torch.ones(3)},
+               meta={"iterations": "10"})
+    loaded = Inversion.load(r.save(tmp_path / "r.safetensors"))
+    for name in ("z0", "trajectory", "timesteps", "source_image", "unconditional", "z_T"):
+        assert torch.equal(getattr(loaded, name), getattr(r, name))
+    assert torch.equal(loaded.extra["bias"], r.extra["bias"])
+    assert loaded.meta == {"iterations": "10"} and loaded.guidance_scale == 7.5 and loaded.num_steps == 4
+    assert torch.equal(loaded.start_latent, r.z_T)
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
+    record().save(tmp_path / "r.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
+
+
+def test_corrupt_truncated_and_foreign_files_are_named(tmp_path):
+    path = record().save(tmp_path / "r.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DiffinvError, match="trunc.safetensors is corrupt"):
+        Inversion.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(DiffinvError, match="junk.safetensors is corrupt"):
+        Inversion.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DiffinvError, match="not a diffinv inversion record"):
+        Inversion.load(tmp_path / "other.safetensors")
+    with pytest.raises(DiffinvError, match="does not exist"):
+        Inversion.load(tmp_path / "none.safetensors")
