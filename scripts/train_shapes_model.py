@@ -231,8 +231,11 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-scenes", type=int, default=512)
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store weights in fp16")
+    p.add_argument("--eval-only", action="store_true", help="only measure the model already in --output")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return write_quality(args, {}, time.perf_counter())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -269,21 +272,25 @@ def main(argv=None) -> dict:
     pipe.save_pretrained(args.output, safe_serialization=True)
     write_tokenizer_files(args.output / "tokenizer")  # keep our own tokenizer files canonical
 
+    timing = {"vae_minutes": vae_minutes, "unet_minutes": unet_minutes}
+    return write_quality(args, timing, t_start)
+
+
+def write_quality(args, timing: dict, t_start: float) -> dict:
+    """Measure the saved model and write ``quality.json`` (keeping the training record of an earlier run)."""
     t0 = time.perf_counter()
     quality = evaluate(args.output, args.eval_scenes, seed=args.seed + 2000, steps=args.eval_steps)
     example = quality.pop("samples_example")
     from PIL import Image
 
     Image.fromarray(np.concatenate(list(example), axis=1)).save(args.output.parent / "model_samples.png")
-    quality |= {
-        "vae_minutes": vae_minutes,
-        "unet_minutes": unet_minutes,
-        "eval_minutes": (time.perf_counter() - t0) / 60,
-        "total_minutes": (time.perf_counter() - t_start) / 60,
-        "threads": args.threads,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output"},
-    }
-    (args.output / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+    path = args.output / "quality.json"
+    previous = json.loads(path.read_text()) if args.eval_only and path.exists() else {}
+    training = {k: previous[k] for k in ("vae_minutes", "unet_minutes", "threads", "args") if k in previous}
+    quality |= training or {**timing, "threads": args.threads,
+                            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "output"}}
+    quality |= {"eval_minutes": (time.perf_counter() - t0) / 60, "total_minutes": (time.perf_counter() - t_start) / 60}
+    path.write_text(json.dumps(quality, indent=1) + "\n")
     print(json.dumps(quality, indent=1))
     return quality
 

@@ -12,8 +12,23 @@ from diffinv.cli import main
 from diffinv.inversion.record import Inversion
 
 REPO = Path(__file__).resolve().parents[1]
-PREDICT_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml")
-                         if "class_path: diffinv.inversion." in p.read_text() and "fit" not in p.read_text().split("\n")[0])
+
+
+def subcommand(config: Path) -> str:
+    """`fit` for optimizing methods, `predict` for the others, read off the config's model class."""
+    import importlib
+
+    import yaml
+
+    from diffinv.inversion.base import OptimizingInversion
+
+    path = yaml.safe_load(config.read_text())["model"]["class_path"]
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    return "fit" if issubclass(cls, OptimizingInversion) else "predict"
+
+
+METHOD_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "class_path: diffinv.inversion." in p.read_text())
 
 
 def cli(*args):
@@ -28,11 +43,19 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("config", PREDICT_CONFIGS)
+def test_every_config_is_covered():
+    assert {"ddim.yaml", "npi.yaml", "proxnpi.yaml", "null_text.yaml", "latent_top.yaml"} <= set(METHOD_CONFIGS)
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS)
 def test_config_runs_through_the_cli(config, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    cli("predict", "-c", str(REPO / "configs" / config), "--model.backbone.pretrained", str(tiny_model_dir),
-        "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu", "--output_dir", str(out))
+    extra = ["--model.num_inner_steps", "2"] if subcommand(REPO / "configs" / config) == "fit" else []
+    if "num_starts" in (REPO / "configs" / config).read_text():
+        extra += ["--model.num_starts", "2"]
+    cli(subcommand(REPO / "configs" / config), "-c", str(REPO / "configs" / config), "--model.backbone.pretrained",
+        str(tiny_model_dir), "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu", "--output_dir",
+        str(out), *extra)
     lines = read_lines(out / "metrics.jsonl")
     examples = [json.loads(x) for x in (REPO / "src/diffinv/examples/captions.jsonl").read_text().splitlines()]
     assert len(lines) == sum(1 + len(e["target_prompts"]) for e in examples)
@@ -93,3 +116,40 @@ def test_bad_input_is_one_line_not_a_traceback(extra, message, tmp_path):
     assert "Traceback" not in proc.stderr
     assert f"diffinv: error: " in proc.stderr and message in proc.stderr
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_fit_logs_to_tensorboard_and_predict_re_edits_its_records(tiny_model_dir, tmp_path):
+    out, again = tmp_path / "nti", tmp_path / "again"
+    common = ["--model.backbone.pretrained", str(tiny_model_dir), "--model.num_inference_steps", "3",
+              "--trainer.accelerator", "cpu"]
+    cli("fit", "-c", str(REPO / "configs/null_text.yaml"), *common, "--model.num_inner_steps", "3", "--output_dir", str(out))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "lightning_logs").glob("version_*"))))
+    events.Reload()
+    tags = events.Tags()
+    assert "shapes-0/step_loss" in tags["scalars"] and "shapes-0/inner_iterations" in tags["scalars"]
+    assert len(events.Scalars("shapes-0/step_loss")) == 3
+    assert "shapes-0/reconstruction" in tags["images"]
+    first = read_lines(out / "metrics.jsonl")
+    assert all(x["method"] == "null_text" and x["inner_iterations"] >= 0 for x in first)
+    # a later predict edits the saved records without optimising again, and reproduces the reconstruction
+    cli("predict", "-c", str(REPO / "configs/npi.yaml"), *common, "--data.records", str(out), "--output_dir", str(again))
+    lines = read_lines(again / "metrics.jsonl")
+    assert [x["target_prompt"] for x in lines] == [x["target_prompt"] for x in first]
+    assert all(x["method"] == "null_text" and x["editor"] == "npi" for x in lines)
+    import numpy as np
+
+    for x in first:
+        a = np.asarray(Image.open(out / x["image_path"]))
+        b = np.asarray(Image.open(again / x["image_path"]))
+        assert np.array_equal(a, b), x["image_path"]
+
+
+def test_predict_refuses_to_optimise(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffinv.cli", "predict", "-c", str(REPO / "configs/null_text.yaml"),
+         "--model.backbone.pretrained", str(tiny_model_dir), "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "run it with `diffinv fit`" in proc.stderr and "Traceback" not in proc.stderr

@@ -92,7 +92,7 @@ def test_command_line_item_and_conflicts(tmp_path):
     assert dm.items[0].target_prompts == ["a dog", "a car"]
     with pytest.raises(DiffinvError, match="needs --data.source_prompt"):
         InversionData(image=str(tmp_path / "one.png"))
-    with pytest.raises(DiffinvError, match="not both"):
+    with pytest.raises(DiffinvError, match="give one of"):
         InversionData(image="x.png", source_prompt="a", manifest="m.jsonl")
 
 

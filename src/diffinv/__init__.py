@@ -7,7 +7,9 @@ from .inversion import (
     DDIMInversion,
     Inversion,
     InversionMethod,
+    LatentTrajectoryOptimization,
     NegativePromptInversion,
+    NullTextInversion,
     ProximalNegativePromptInversion,
 )
 
@@ -19,7 +21,9 @@ __all__ = [
     "DiffinvError",
     "Inversion",
     "InversionMethod",
+    "LatentTrajectoryOptimization",
     "NegativePromptInversion",
+    "NullTextInversion",
     "ProximalGuidance",
     "ProximalNegativePromptInversion",
 ]

@@ -85,6 +85,22 @@ def _load_components(source: str, local: bool, config: BackboneConfig):
                 DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
             )
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        return _load_or_explain(load_all, source, local)
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        transformers_logging.enable_progress_bar()
+
+
+def _load_or_explain(load_all, source: str, local: bool):
     try:
         return load_all(local_files_only=True)
     except Exception as cached_error:  # noqa: BLE001 - turned into one clear message below

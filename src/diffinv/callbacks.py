@@ -50,7 +50,8 @@ def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: f
     ):
         lines.append({
             "id": r.id,
-            "method": method,
+            "method": r.inversion.method,
+            "editor": method,
             "model": model,
             "kind": "reconstruction" if target is None else "edit",
             "source_prompt": r.inversion.source_prompt,
@@ -111,6 +112,14 @@ class InversionWriter(BasePredictionWriter):
             write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
                        pl_module.num_inference_steps, pl_module.guidance_scale)
             self.written += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Optimizing methods (``diffinv fit``) leave each batch's results on the module."""
+        self.write_on_batch_end(trainer, pl_module, getattr(pl_module, "last_results", []), None, batch, batch_idx, 0)
+        pl_module.last_results = []
+
+    def on_train_end(self, trainer, pl_module):
+        self.on_predict_end(trainer, pl_module)
 
     def on_predict_end(self, trainer, pl_module):
         if trainer.is_global_zero:

@@ -25,6 +25,9 @@ _QUIET = (
     r".*LeafSpec.*",
     r".*`isinstance\(treespec, LeafSpec\)`.*",
     r".*Trying to infer the `batch_size`.*",
+    r".*`configure_optimizers` returned `None`.*",
+    r".*train_dataloader.*",
+    r".*val_dataloader.*",
 )
 
 
@@ -35,6 +38,7 @@ class DiffinvCLI(LightningCLI):
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.link_arguments("output_dir", "writer.output_dir")
         parser.link_arguments("output_dir", "data.output_dir")
+        parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

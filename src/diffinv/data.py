@@ -34,6 +34,8 @@ class Item:
     target_prompts: list[str] = field(default_factory=list)
     resolution: int | None = None
     square: bool = False
+    inversion: Path | None = None
+    """A saved Inversion record to edit instead of inverting ``image`` again."""
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -112,15 +114,17 @@ def read_manifest(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DiffinvError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "image" not in row or "source_prompt" not in row:
-            raise DiffinvError(f"{path}:{n}: each line needs at least \"image\" and \"source_prompt\"")
+        if not isinstance(row, dict) or not (("image" in row and "source_prompt" in row) or "inversion" in row):
+            raise DiffinvError(f"{path}:{n}: each line needs at least \"image\" and \"source_prompt\" "
+                               "(or \"inversion\": a saved record to edit)")
         targets = row.get("target_prompts", [])
         if isinstance(targets, str):
             targets = [targets]
-        image = Path(row["image"]).expanduser()
+        resolve = lambda p: p if p.is_absolute() else path.parent / p  # noqa: E731
         rows.append({
-            "image": image if image.is_absolute() else path.parent / image,
-            "source_prompt": row["source_prompt"],
+            "image": resolve(Path(row["image"]).expanduser()) if "image" in row else None,
+            "inversion": resolve(Path(row["inversion"]).expanduser()) if "inversion" in row else None,
+            "source_prompt": row.get("source_prompt"),
             "target_prompts": targets,
             "id": row.get("id"),
             "where": f"{path}:{n}",
@@ -130,21 +134,49 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
+def record_rows(path: str | Path, target_prompts: list[str]) -> list[dict]:
+    """Rows that edit saved Inversion records: ``path`` is one record or a folder of a previous run
+    (``<id>/inversion.safetensors``). Target prompts: ``target_prompts`` if given, else those saved with it."""
+    from .inversion.record import Inversion
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob(f"*/{DONE_MARKER}")) if path.is_dir() else []
+    if not files:
+        raise DiffinvError(f"no inversion records at {path} (expected a record file or a folder of <id>/{DONE_MARKER})")
+    rows = []
+    for f in files:
+        rec = Inversion.load(f)
+        saved = json.loads(rec.meta.get("target_prompts", "[]"))
+        rows.append({"inversion": f, "source_prompt": rec.source_prompt, "target_prompts": target_prompts or saved,
+                     "id": f.parent.name if f.name == DONE_MARKER else f.stem, "where": str(f),
+                     "record": rec})
+    return rows
+
+
 def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[Item]:
     items, seen = [], set()
     for row in rows:
         where = row.get("where", "command line")
+        if row.get("inversion") is not None and "record" not in row:
+            from .inversion.record import Inversion
+
+            row = row | {"record": Inversion.load(row["inversion"])}
+            row["source_prompt"] = row.get("source_prompt") or row["record"].source_prompt
         source = check_prompt(row["source_prompt"], f"source_prompt ({where})")
         if not isinstance(row["target_prompts"], list):
             raise DiffinvError(f"target_prompts ({where}) must be a list of strings")
         targets = [check_prompt(t, f"target prompt {k} ({where})") for k, t in enumerate(row["target_prompts"])]
-        base = _safe_id(row.get("id") or Path(row["image"]).stem)
+        base = _safe_id(row.get("id") or Path(row.get("image") or row["inversion"]).stem)
         uid, n = base, 1
         while uid in seen:
             n += 1
             uid = f"{base}-{n}"
         seen.add(uid)
-        items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square))
+        if "record" in row:
+            image = row["record"].source_image.permute(1, 2, 0).numpy()
+            items.append(Item(uid, image, source, targets, inversion=Path(row["inversion"])))
+        else:
+            items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square))
     return items
 
 
@@ -163,6 +195,7 @@ class InversionData(L.LightningDataModule):
         manifest: str | None = None,
         resolution: int | None = None,
         square: bool = False,
+        records: str | None = None,
         batch_size: int = 1,
         output_dir: str | None = None,
     ):
@@ -176,13 +209,15 @@ class InversionData(L.LightningDataModule):
                 folder), "source_prompt": str, "target_prompts": [str, ...], "id": optional name}.
             resolution: Shorter image side after resizing; default: the model's native size (512 for SD 1.x).
             square: Centre-crop images to a square first (the NPI paper's COCO protocol).
+            records: Edit saved inversions instead of inverting: a record file or the --output_dir of an earlier
+                run (its <id>/inversion.safetensors); targets from --data.target_prompts, else the saved ones.
             batch_size: Images inverted together in one step.
             output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
         """
         super().__init__()
-        if image is not None and manifest is not None:
-            raise DiffinvError("give either --data.image (with --data.source_prompt) or --data.manifest, not both")
-        if image is None and (source_prompt is not None or target_prompts):
+        if sum(x is not None for x in (image, manifest, records)) > 1:
+            raise DiffinvError("give one of --data.image (with --data.source_prompt), --data.manifest or --data.records")
+        if image is None and records is None and (source_prompt is not None or target_prompts):
             raise DiffinvError("--data.source_prompt/--data.target_prompts need --data.image")
         if image is not None and source_prompt is None:
             raise DiffinvError("--data.image needs --data.source_prompt (a caption of the image)")
@@ -191,12 +226,14 @@ class InversionData(L.LightningDataModule):
         if resolution is not None and resolution < 1:
             raise DiffinvError(f"resolution must be positive, got {resolution}")
         self.image, self.source_prompt, self.target_prompts = image, source_prompt, list(target_prompts or [])
-        self.manifest, self.resolution, self.square = manifest, resolution, square
+        self.manifest, self.resolution, self.square, self.records = manifest, resolution, square, records
         self.batch_size, self.output_dir = batch_size, output_dir
         self.items: list[Item] | None = None
         self.skipped: list[str] = []
 
     def rows(self) -> list[dict]:
+        if self.records is not None:
+            return record_rows(self.records, self.target_prompts)
         if self.image is not None:
             return [{"image": Path(self.image).expanduser(), "source_prompt": self.source_prompt,
                      "target_prompts": self.target_prompts}]

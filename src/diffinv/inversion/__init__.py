@@ -2,7 +2,9 @@
 
 from .base import InversionMethod, ItemResult
 from .ddim import DDIMInversion
+from .latent_top import LatentTrajectoryOptimization
 from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
+from .null_text import NullTextInversion
 from .record import Inversion
 
 __all__ = [
@@ -10,6 +12,8 @@ __all__ = [
     "Inversion",
     "InversionMethod",
     "ItemResult",
+    "LatentTrajectoryOptimization",
     "NegativePromptInversion",
+    "NullTextInversion",
     "ProximalNegativePromptInversion",
 ]

@@ -7,7 +7,9 @@ Everything else — preprocessing, batching, sampling, decoding, timing — is s
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -82,9 +84,16 @@ class InversionMethod(L.LightningModule):
 
     # --- hooks ------------------------------------------------------------------------------------------------
     def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
-        """DDIM inversion at w = 1 with the source prompt (NPI eq. 3). Returns Inversion fields per batch:
-        ``trajectory`` (N + 1, B, ...) plus any of ``unconditional`` (B, N, L, D), ``z_T``, ``extra``."""
-        return {"trajectory": invert(lambda z, t: self.backbone.eps(z, t, source_emb), z0, schedule)}
+        """DDIM inversion at w = 1 with the source prompt (NPI eq. 3), then :meth:`optimize`. Returns Inversion
+        fields per batch: ``trajectory`` (N + 1, B, ...) plus any of ``unconditional`` (B, N, L, D), ``z_T``,
+        ``extra``."""
+        with torch.no_grad():
+            trajectory = invert(lambda z, t: self.backbone.eps(z, t, source_emb), z0, schedule)
+        return {"trajectory": trajectory, **self.optimize(trajectory, source_emb, schedule)}
+
+    def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
+        """What an optimizing method learns from the trajectory; nothing for the optimization-free ones."""
+        return {}
 
     def unconditional(self, inversion: Inversion) -> Tensor:
         """Unconditional embedding of this method's sampling: (L, D) or per step (N, L, D)."""
@@ -173,18 +182,25 @@ class InversionMethod(L.LightningModule):
         return out
 
     def run_items(self, items: list[Item]) -> list[ItemResult]:
-        """Invert, reconstruct and edit items of one image size."""
+        """Invert (or load the saved inversion of), reconstruct and edit items of one image size."""
         _sync(self.device)
         t0 = time.perf_counter()
-        images = self.prepare_images(items)
-        inversions = self.invert_items(items, images)
+        if items[0].inversion is not None:
+            inversions = [self.load_inversion(i) for i in items]
+            images = torch.stack([inv.source_image.float() / 255 for inv in inversions]).to(self.device)
+        else:
+            images = self.prepare_images(items)
+            inversions = self.invert_items(items, images)
         _sync(self.device)
         t1 = time.perf_counter()
-        edited = self.edit(inversions, [i.target_prompts for i in items])
-        flat = [z for rec, edits in edited for z in (rec, *edits)]
-        decoded = self.backbone.decode(torch.stack(flat)).cpu()
+        with torch.no_grad():
+            edited = self.edit(inversions, [i.target_prompts for i in items])
+            flat = [z for rec, edits in edited for z in (rec, *edits)]
+            decoded = self.backbone.decode(torch.stack(flat)).cpu()
         _sync(self.device)
         t2 = time.perf_counter()
+        for inv, item in zip(inversions, items):
+            inv.meta["target_prompts"] = json.dumps(item.target_prompts)
         results, start = [], 0
         for b, (item, inv) in enumerate(zip(items, inversions)):
             count = 1 + len(item.target_prompts)
@@ -197,14 +213,100 @@ class InversionMethod(L.LightningModule):
                 inversion=inv,
                 seconds_inversion=(t1 - t0) / len(items),
                 seconds_sampling=(t2 - t1) / len(items),
+                extra=optimization_summary(inv),
             ))
             start += count
         return results
 
-    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
-        by_size: dict[tuple, list[Item]] = {}
+    def load_inversion(self, item: Item) -> Inversion:
+        inv = Inversion.load(item.inversion, device=self.device)
+        if inv.model != self.backbone_config.pretrained:
+            warnings.warn(f"{item.inversion} was made with model {inv.model!r}, editing it with "
+                          f"{self.backbone_config.pretrained!r}", stacklevel=2)
+        return inv
+
+    def run_batch(self, batch: list[Item]) -> list[ItemResult]:
+        """Group a batch by image size (and saved vs new inversions), run each group, keep the batch order."""
+        groups: dict[tuple, list[Item]] = {}
         bb = self.backbone
         for item in batch:
-            shape = fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor, item.square).shape
-            by_size.setdefault(shape, []).append(item)
-        return [r for group in by_size.values() for r in self.run_items(group)]
+            if item.inversion is not None:
+                key = ("record", item.id)
+            else:
+                key = fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor,
+                                   item.square).shape
+            groups.setdefault(key, []).append(item)
+        by_id = {r.id: r for group in groups.values() for r in self.run_items(group)}
+        return [by_id[item.id] for item in batch]
+
+    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
+        return self.run_batch(batch)
+
+
+def optimization_summary(inv: Inversion) -> dict:
+    """Per-item figures of an optimizing inversion for metrics.jsonl (empty for the optimization-free ones)."""
+    if "inner_iterations" not in inv.extra:
+        return {}
+    return {"inner_iterations": int(inv.extra["inner_iterations"].sum()),
+            "final_step_loss": float(inv.extra["step_loss"][-1])}
+
+
+class OptimizingInversion(InversionMethod):
+    """Base of the methods that optimise per image (null-text inversion, latent-TOP): run by ``diffinv fit``.
+
+    Manual optimisation: one training step is one batch of images, optimised together with per-sample
+    parameters, Adam states and early stopping (:mod:`diffinv.optim`). The per-image parameters live only
+    during their batch; results go to the writer, the frozen backbone never into a checkpoint.
+    """
+
+    def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5):
+        super().__init__(backbone, num_inference_steps, guidance_scale)
+        self.automatic_optimization = False
+        self.last_results: list[ItemResult] = []
+
+    def unconditional(self, inversion: Inversion) -> Tensor:
+        if inversion.unconditional is not None:
+            return inversion.unconditional
+        return self.backbone.encode_prompts([""])[0]
+
+    def training_step(self, batch: list[Item], batch_idx: int):
+        self.last_results = self.run_batch(batch)
+        self.log_results(self.last_results)
+        return None
+
+    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
+        fresh = [i.id for i in batch if i.inversion is None]
+        if fresh:
+            raise DiffinvError(
+                f"{self.method_name} optimises per image: run it with `diffinv fit` (items {', '.join(fresh[:3])}); "
+                "`diffinv predict` only edits inversions it saved (--data.records DIR)")
+        return self.run_batch(batch)
+
+    def log_results(self, results: list[ItemResult]) -> None:
+        """TensorBoard: per-step loss and inner iterations of every image, its PSNR and images."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from ..metrics import psnr
+
+        values = [psnr(r.reconstruction, r.source) for r in results]
+        finite = [v for v in values if v != float("inf")]
+        if finite:
+            self.log("reconstruction_psnr", sum(finite) / len(finite), batch_size=len(results), on_step=True)
+        tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tb is None:
+            return
+        for r, value in zip(results, values):
+            extra = r.inversion.extra
+            for k, (loss, its) in enumerate(zip(extra["step_loss"].tolist(), extra["inner_iterations"].tolist())):
+                tb.add_scalar(f"{r.id}/step_loss", loss, k)
+                tb.add_scalar(f"{r.id}/inner_iterations", its, k)
+            tb.add_scalar(f"{r.id}/reconstruction_psnr", value, 0)
+            tb.add_image(f"{r.id}/source", r.source, 0)
+            tb.add_image(f"{r.id}/reconstruction", r.reconstruction, 0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the frozen backbone out of checkpoints: only the method's settings are worth saving."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("_backbone.")]:
+            del state[key]

@@ -2,7 +2,7 @@
 
 1. background = palette colour nearest to the median of the border pixels;
 2. shape colour = palette colour (not the background) that best explains the pixels as a blend
-   ``bg + alpha * (fg - bg)``; the blend weights are the coverage map ``alpha``;
+   ``bg + alpha * (fg - bg)``; the blend weights, with a dead zone against noise, are the coverage map ``alpha``;
 3. shape = the template (circle, square, triangle) rendered at the coverage's centroid with the coverage's
    area that is closest to ``alpha``;
 4. size = small/big from the radius that area implies for that shape (threshold between the two ranges).
@@ -23,6 +23,7 @@ _AREA_PER_R2 = {
     "triangle": 3 * math.sqrt(3) / 4 * TRIANGLE_CIRCUMRADIUS**2,
 }
 _SIZE_THRESHOLD = (RADIUS_RANGE["small"][1] + RADIUS_RANGE["big"][0]) / 2
+_DEAD_ZONE = 0.2
 
 
 def _nearest_colour(rgb: np.ndarray, exclude: str | None = None) -> str:
@@ -48,7 +49,9 @@ def classify(image: np.ndarray) -> dict[str, str]:
     bg = _PALETTE[background]
     fits = {name: _blend_alpha(img, bg, _PALETTE[name]) for name in _PALETTE if name != background}
     colour = min(fits, key=lambda n: fits[n][1])
-    alpha = fits[colour][0]
+    # A dead zone of 0.2 at both ends: noise on the background (clipped at 0, so biased upwards) and on the
+    # shape no longer inflates the area; symmetric, so anti-aliased edges keep their mean coverage.
+    alpha = np.clip((fits[colour][0] - _DEAD_ZONE) / (1 - 2 * _DEAD_ZONE), 0.0, 1.0)
     area = float(alpha.sum())
     if area < 1.0:  # nothing drawn: guess the smallest shape at the centre
         return {"size": "small", "colour": colour, "shape": "circle", "background": background}

@@ -1,0 +1,65 @@
+"""Null-text inversion (Mokady et al. 2023; NPI paper §3.3 and appendix B), run by ``diffinv fit``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..backbone import BackboneConfig
+from ..ddim import Schedule
+from .base import OptimizingInversion
+from .tracking import TrackingSchedule, track_trajectory
+
+
+class NullTextInversion(OptimizingInversion):
+    """Optimises one unconditional embedding per timestep so CFG sampling tracks the DDIM (w = 1) trajectory.
+
+    Learnable parameters: the per-step null embeddings of every image in the batch (per-sample Adam states and
+    early stopping, so batching never changes a result). The conditional branch is computed once per step
+    without grad; gradients flow to the embedding only.
+    """
+
+    method_name = "null_text"
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_inner_steps: int = 10,
+        lr: float = 1e-2,
+        lr_decay: float = 0.01,
+        early_stop_epsilon: float = 1e-5,
+        early_stop_delta: float = 2e-5,
+        init: Literal["null", "source"] = "null",
+    ):
+        """
+        Args:
+            backbone: The Stable Diffusion to use; default: the embedded shapes model.
+            num_inference_steps: DDIM steps of inversion and sampling (the papers use 50).
+            guidance_scale: CFG scale w the embeddings are optimised for (the papers use 7.5).
+            num_inner_steps: Adam iterations per timestep at most (reference: 10).
+            lr: Adam learning rate at t = T; the i-th step (i = 0 at T) uses lr (1 - lr_decay i) (reference:
+                1e-2 and 0.01).
+            lr_decay: See ``lr``.
+            early_stop_epsilon: An image stops iterating at step i once its loss < epsilon + i delta
+                (reference: 1e-5 and 2e-5).
+            early_stop_delta: See ``early_stop_epsilon``.
+            init: Start of the first step's embedding: 'null' (the null prompt, as the paper) or 'source' (the
+                source prompt: negative-prompt inversion's solution as a warm start).
+        """
+        super().__init__(backbone, num_inference_steps, guidance_scale)
+        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta)
+        self.init = init
+
+    def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
+        null = self.backbone.encode_prompts([""]).expand_as(source_emb)
+        start = source_emb if self.init == "source" else null
+        out = track_trajectory(self.backbone.eps, schedule, trajectory, source_emb, start, self.guidance_scale,
+                               self.tracking)
+        return {
+            "unconditional": out["unconditional"],
+            "extra": {"step_loss": out["step_loss"], "inner_iterations": out["inner_iterations"]},
+        }

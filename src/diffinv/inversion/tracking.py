@@ -1,0 +1,153 @@
+"""Trajectory tracking: optimise a per-step unconditional embedding so that CFG sampling follows the DDIM
+(w = 1) inversion trajectory. The shared core of null-text inversion and latent-TOP, pure torch.
+
+For k = N .. 1 (NPI paper §3.3, eq. 4; latent-TOP §2.2 "trajectory optimization"):
+    min_{u_k} || ddim_step(z̄_k, cfg(eps(z̄_k, t_k, u_k), eps(z̄_k, t_k, C), w)) - z*_{k-1} ||²
+with a fresh optimiser per step, u_k warm-started from u_{k+1}, then z̄_{k-1} = that step without grad.
+latent-TOP additionally learns a noise bias b on z̄_N = z*_N + b, jointly with u_N at the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..ddim import Schedule, ddim_step
+from ..guidance import cfg
+from ..optim import AdamState, early_stop_threshold, masked_adam_step, still_active
+
+EmbEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""eps_fn(z, t, emb) -> noise prediction."""
+
+
+@dataclass
+class TrackingSchedule:
+    """Inner-loop settings, the same numbers the NTI reference uses."""
+
+    num_inner_steps: int = 10
+    lr: float = 1e-2
+    lr_decay: float = 0.01
+    epsilon: float = 1e-5
+    delta: float = 2e-5
+
+    def lr_at(self, i: int) -> float:
+        """lr (1 - lr_decay i) at the i-th step (i = 0 at t = T), floored at 0."""
+        return max(0.0, self.lr * (1 - self.lr_decay * i))
+
+
+class LaggedFlag:
+    """A device-side boolean read one iteration late on CUDA (an event, a pinned copy: no stream sync);
+    read at once on the CPU, where reading costs nothing."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.value, self.buf, self.event = True, None, None
+
+    def push(self, flag: Tensor) -> None:
+        if not self.cuda:
+            self.value = bool(flag)
+            return
+        self.read()
+        self.buf = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.buf.copy_(flag, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def read(self) -> bool:
+        if self.cuda and self.event is not None:
+            self.event.synchronize()
+            self.value, self.event = bool(self.buf), None
+        return self.value
+
+
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+def track_trajectory(
+    eps_fn: EmbEpsFn,
+    schedule: Schedule,
+    trajectory: Tensor,
+    cond: Tensor,
+    uncond_init: Tensor,
+    guidance_scale: float,
+    settings: TrackingSchedule,
+    noise_bias: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Optimise per-step unconditional embeddings (and, if given, the noise bias at the first step).
+
+    Args:
+        trajectory: (N + 1, B, C, h, w) DDIM inversion trajectory z*_0 .. z*_N.
+        cond: (B, L, D) source-prompt embeddings.
+        uncond_init: (B, L, D) start of u_N (the null embedding for NTI; latent-TOP's chosen start).
+        noise_bias: (B, C, h, w) start of latent-TOP's noise bias; None: no noise bias (NTI).
+
+    Returns ``unconditional`` (B, N, L, D) with [:, k-1] the embedding of the step from level k, ``z_T``
+    (B, C, h, w) the start latent, ``step_loss`` (B, N) the loss after each step's optimisation, and
+    ``inner_iterations`` (B, N) the updates each image used at each step.
+    """
+    n, B = schedule.num_steps, cond.shape[0]
+    dev = cond.device
+    emb = uncond_init.detach().clone()
+    bias = None if noise_bias is None else noise_bias.detach().clone()
+    z = trajectory[n] if bias is None else trajectory[n] + bias
+    embs, losses, iterations = [], [], []
+    for i, k in enumerate(range(n, 0, -1)):
+        t = schedule.timesteps[k - 1]
+        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
+        target = trajectory[k - 1]
+        with_bias = bias is not None and i == 0  # the noise bias only acts through the first step
+        emb.requires_grad_(True)
+        params = [emb] + ([bias.requires_grad_(True)] if with_bias else [])
+        states = [AdamState.zeros_like(p) for p in params]
+        threshold = early_stop_threshold(i, settings.epsilon, settings.delta)
+        lr = settings.lr_at(i)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        used = torch.zeros(B, dtype=torch.long, device=dev)
+        flag = LaggedFlag(dev)
+        if not with_bias:
+            with torch.no_grad():
+                eps_c = eps_fn(z, t, cond)  # the conditional branch once per step (NTI reference)
+        z_prev, fresh = None, False
+        for _ in range(settings.num_inner_steps):
+            # 1. The CFG DDIM step with the current embedding (NPI eq. 4), and its distance to z*_{k-1}.
+            zt = trajectory[n] + bias if with_bias else z
+            ec = eps_fn(zt, t, cond) if with_bias else eps_c
+            z_prev = ddim_step(zt, cfg(eps_fn(zt, t, emb), ec, guidance_scale), a_t, a_prev)
+            loss = per_sample_mse(z_prev, target)
+            # 2. Per-sample early stopping: loss < epsilon + i delta, decided on the device.
+            active = still_active(active, loss, threshold)
+            flag.push(active.any())
+            fresh = True
+            if not flag.read():
+                break
+            # 3. A masked Adam step on the images still active.
+            grads = torch.autograd.grad(loss.sum(), params)
+            for p, g, s in zip(params, grads, states):
+                masked_adam_step(p, g, s, lr, active)
+            used += active.long()
+            fresh = False
+        # 4. Advance without grad: reuse the last evaluation when nothing moved since.
+        with torch.no_grad():
+            emb = emb.detach()
+            if with_bias:
+                bias = bias.detach()
+                z = trajectory[n] + bias
+                z_T = z
+            if fresh and z_prev is not None:
+                z = z_prev.detach()
+            else:
+                ec = eps_fn(z, t, cond) if with_bias else eps_c
+                z = ddim_step(z, cfg(eps_fn(z, t, emb), ec, guidance_scale), a_t, a_prev)
+            losses.append(per_sample_mse(z, target))
+        embs.append(emb)
+        iterations.append(used)
+    return {
+        "unconditional": torch.stack(embs, dim=1),
+        "z_T": trajectory[n] if bias is None else z_T,
+        "step_loss": torch.stack(losses, dim=1),
+        "inner_iterations": torch.stack(iterations, dim=1),
+    }
