@@ -153,3 +153,16 @@ def test_predict_refuses_to_optimise(tiny_model_dir, tmp_path):
         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2 and "run it with `diffinv fit`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mismatched_replace_prompts_fail_before_anything_is_written(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffinv.cli", "predict", "-c", str(REPO / "configs/edit_p2p_replace.yaml"),
+         "--model.backbone.pretrained", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"),
+         "--data.image", str(REPO / "src/diffinv/examples/shapes-0.png"), "--data.source_prompt", "a red car",
+         "--data.target_prompts", '["a blue car", "a big blue car"]'],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "source 'a red car' has 3 words, target 'a big blue car' has 4" in proc.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

@@ -1,5 +1,7 @@
-"""Sampling from inverted latents: reconstruction and prompt edits."""
+"""Sampling from inverted latents: reconstruction and prompt edits, Prompt-to-Prompt, SDEdit."""
 
+from .prompt_to_prompt import Editor, PromptToPrompt
 from .sampler import sample
+from .sdedit import SDEdit
 
-__all__ = ["sample"]
+__all__ = ["Editor", "PromptToPrompt", "SDEdit", "sample"]

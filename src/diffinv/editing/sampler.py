@@ -28,6 +28,8 @@ def sample(
     groups: Tensor | None = None,
     z0: Tensor | None = None,
     trajectory: Tensor | None = None,
+    controller=None,
+    start_level: int | None = None,
 ) -> Tensor:
     """Latents z_0 (B, C, h, w) reached from z_T by N reverse DDIM steps (NPI eq. 2).
 
@@ -42,6 +44,9 @@ def sample(
         groups: (B,) rows sharing one proximal threshold (see ``ProximalGuidance.scope``).
         z0: (B, C, h, w) source latents, for reconstruction guidance.
         trajectory: (N + 1, B, C, h, w) inversion trajectories, for inversion guidance.
+        controller: Prompt-to-Prompt's :class:`AttentionController`, already installed on the UNet; told the
+            step index, and given the latents after each step (local blend).
+        start_level: Start at this level instead of N (SDEdit): ``z_T`` is then the latent of that level.
     """
     B = z_T.shape[0]
     n = schedule.num_steps
@@ -56,7 +61,10 @@ def sample(
         if proximal.inversion_guidance and trajectory is None:
             raise ValueError("inversion guidance needs the inversion trajectory")
     z = z_T
-    for k in range(n, 0, -1):  # level k -> k-1
+    top = n if start_level is None else start_level
+    for k in range(top, 0, -1):  # level k -> k-1
+        if controller is not None:
+            controller.step = n - k
         t = schedule.timesteps[k - 1]
         a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
         u = uncond[k - 1] if per_step else uncond
@@ -78,4 +86,6 @@ def sample(
         z = from_x0(x0, eps, a_prev)
         if guide and proximal.inversion_guidance:
             z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
+        if controller is not None:
+            z = controller.after_step(z, n - k)  # Prompt-to-Prompt local blend
     return z

@@ -20,7 +20,9 @@ from torch import Tensor
 from ..backbone import Backbone, BackboneConfig
 from ..data import Item, fit_to_model, image_tensor
 from ..ddim import Schedule, invert
+from ..editing.prompt_to_prompt import Editor, PromptToPrompt, attention_control, check_word_counts
 from ..editing.sampler import sample
+from ..editing.sdedit import SDEdit
 from ..errors import DiffinvError
 from ..guidance import ProximalGuidance
 from .record import Inversion
@@ -52,14 +54,17 @@ class InversionMethod(L.LightningModule):
     method_name: ClassVar[str] = "base"
     proximal: ProximalGuidance | None = None
 
-    def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5):
+    def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, editor: Editor | None = None):
         """
         Args:
             backbone: The Stable Diffusion to use; default: the embedded shapes model.
             num_inference_steps: DDIM steps of inversion and sampling (the papers use 50).
             guidance_scale: Classifier-free guidance scale w of reconstruction and edits (the papers use 7.5).
+            editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__()
+        self.editor = editor
         if num_inference_steps < 1:
             raise DiffinvError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.backbone_config = backbone or BackboneConfig()
@@ -136,7 +141,8 @@ class InversionMethod(L.LightningModule):
 
     def edit(self, inversions: list[Inversion], target_prompts: list[list[str]]) -> list[tuple[Tensor, list[Tensor]]]:
         """Reconstruct each inversion (row 0: its source prompt) and apply its target prompts (rows 1..K), all
-        rows of all items batched. Returns (reconstruction latent, [edit latents]) per item."""
+        rows of all items batched, with the configured editor. Returns (reconstruction latent, [edit latents])
+        per item."""
         n = inversions[0].num_steps
         if any(inv.num_steps != n for inv in inversions):
             raise DiffinvError("inversions with different step counts cannot be sampled in one batch")
@@ -144,42 +150,73 @@ class InversionMethod(L.LightningModule):
         if not torch.equal(schedule.timesteps.cpu(), inversions[0].timesteps.cpu()):
             raise DiffinvError(f"the inversion's timesteps do not match this model's {n}-step schedule "
                                "(was it made with another model or scheduler?)")
-        prompts, rows_of, z_T, uncond, same, groups, z0, traj = [], [], [], [], [], [], [], []
+        rows = []  # (item index, prompt, target prompt or None)
         for g, (inv, targets) in enumerate(zip(inversions, target_prompts)):
-            u = self.unconditional(inv).to(self.device)
-            rows = [inv.source_prompt, *targets]
-            rows_of.append(len(rows))
-            prompts += rows
-            for r in range(len(rows)):
-                z_T.append(inv.start_latent)
-                uncond.append(u)
-                same.append(r == 0 and self.unconditional_is_source(inv))
-                groups.append(g)
-                z0.append(inv.z0)
-                traj.append(inv.trajectory)
+            rows += [(g, inv.source_prompt, None)] + [(g, t, t) for t in targets]
+        dev = self.device
+        uncond = [self.unconditional(inv).to(dev) for inv in inversions]
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
-            uncond_t = torch.stack(uncond, dim=1)
+        first_row = {}
+        for r, (g, _, tgt) in enumerate(rows):
+            first_row.setdefault(g, r)
+
+        def run(picked: list[int], z_start: Tensor, **kw) -> Tensor:
+            u = torch.stack([uncond[rows[r][0]] for r in picked], dim=1 if uncond[0].dim() == 3 else 0)
+            return sample(
+                self.backbone, schedule,
+                z_T=z_start,
+                cond=self.backbone.encode_prompts([rows[r][1] for r in picked]),
+                uncond=u,
+                guidance_scale=self.guidance_scale,
+                uncond_is_cond=torch.tensor([rows[r][2] is None and self.unconditional_is_source(inversions[rows[r][0]])
+                                             for r in picked], device=dev),
+                proximal=self.proximal,
+                groups=torch.tensor([rows[r][0] for r in picked], device=dev),
+                z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
+                trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
+                **kw,
+            )
+
+        every = list(range(len(rows)))
+        starts = torch.stack([inversions[rows[r][0]].start_latent for r in every]).to(dev)
+        if isinstance(self.editor, SDEdit):
+            recon = [r for r in every if rows[r][2] is None]
+            edits = [r for r in every if rows[r][2] is not None]
+            latents = torch.empty_like(starts)
+            latents[recon] = run(recon, starts[recon])
+            if edits:
+                z0 = torch.stack([inversions[rows[r][0]].z0 for r in edits]).to(dev)
+                traj = torch.stack([inversions[rows[r][0]].trajectory for r in edits], dim=1).to(dev)
+                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule),
+                                     start_level=self.editor.start_level(n))
+        elif isinstance(self.editor, PromptToPrompt):
+            controller = self.editor.controller(
+                self.backbone.tokenizer, sources=[inversions[g].source_prompt for g, _, _ in rows],
+                targets=[t for _, _, t in rows], source_index=[first_row[g] for g, _, _ in rows], num_steps=n,
+                latent_hw=tuple(starts.shape[-2:])).to(dev)
+            with attention_control(self.backbone.unet, controller):
+                latents = run(every, starts, controller=controller)
         else:
-            uncond_t = torch.stack(uncond)
-        dev = self.device
-        latents = sample(
-            self.backbone, schedule,
-            z_T=torch.stack(z_T).to(dev),
-            cond=self.backbone.encode_prompts(prompts),
-            uncond=uncond_t,
-            guidance_scale=self.guidance_scale,
-            uncond_is_cond=torch.tensor(same, device=dev),
-            proximal=self.proximal,
-            groups=torch.tensor(groups, device=dev),
-            z0=torch.stack(z0).to(dev),
-            trajectory=torch.stack(traj, dim=1).to(dev),
-        )
+            latents = run(every, starts)
         out, start = [], 0
-        for count in rows_of:
+        for g, targets in enumerate(target_prompts):
+            count = 1 + len(targets)
             out.append((latents[start], list(latents[start + 1 : start + count])))
             start += count
         return out
+
+    def check_items(self, items: list[Item]) -> None:
+        """Fail before any work where the editor cannot take an item's prompts (e.g. replace with other word counts)."""
+        if isinstance(self.editor, PromptToPrompt) and self.editor.mode == "replace":
+            for item in items:
+                check_word_counts(self.backbone.tokenizer, item.source_prompt, item.target_prompts)
+
+    def on_predict_start(self) -> None:
+        self.check_items(getattr(self.trainer.datamodule, "items", None) or [])
+
+    def on_train_start(self) -> None:
+        self.check_items(getattr(self.trainer.datamodule, "items", None) or [])
 
     def run_items(self, items: list[Item]) -> list[ItemResult]:
         """Invert (or load the saved inversion of), reconstruct and edit items of one image size."""
@@ -260,8 +297,8 @@ class OptimizingInversion(InversionMethod):
     """
 
     def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5):
-        super().__init__(backbone, num_inference_steps, guidance_scale)
+                 guidance_scale: float = 7.5, editor: Editor | None = None):
+        super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         self.automatic_optimization = False
         self.last_results: list[ItemResult] = []
 

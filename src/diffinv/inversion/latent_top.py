@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import BackboneConfig
+from ..editing.prompt_to_prompt import Editor
 from ..ddim import Schedule, ddim_step
 from ..guidance import cfg
 from ..optim import AdamState, masked_adam_step
@@ -88,6 +89,7 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         text_init_std: float = 0.1,
         noise_init_std: float = 0.1,
         seed: int = 0,
+        editor: Editor | None = None,
     ):
         """
         Args:
@@ -105,8 +107,9 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             text_init_std: Spread of the random text-bias starts, in units of the null embedding's std.
             noise_init_std: Spread of the random noise-bias starts (latents have unit variance).
             seed: Seed of the random starts.
+            editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
-        super().__init__(backbone, num_inference_steps, guidance_scale)
+        super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta)
         self.num_starts, self.hops = num_starts, hops
         self.text_init_std, self.noise_init_std, self.seed = text_init_std, noise_init_std, seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..backbone import BackboneConfig
+from ..editing.prompt_to_prompt import Editor
 from ..guidance import ProximalGuidance
 from .base import InversionMethod
 from .record import Inversion
@@ -40,6 +41,7 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         proximal: ProximalGuidance | None = None,
+        editor: Editor | None = None,
     ):
         """
         Args:
@@ -47,8 +49,9 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
             num_inference_steps: DDIM steps of inversion and sampling (the papers use 50).
             guidance_scale: Scale w of the proximal guidance eps_src + w prox(eps_tar - eps_src).
             proximal: Operator, threshold quantile and guidances (see ``ProximalGuidance``).
+            editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
-        super().__init__(backbone, num_inference_steps, guidance_scale)
+        super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         self.proximal = proximal or ProximalGuidance()
         if not 0 <= self.proximal.quantile <= 1:
             from ..errors import DiffinvError

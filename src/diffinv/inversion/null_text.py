@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import BackboneConfig
+from ..editing.prompt_to_prompt import Editor
 from ..ddim import Schedule
 from .base import OptimizingInversion
 from .tracking import TrackingSchedule, track_trajectory
@@ -34,6 +35,7 @@ class NullTextInversion(OptimizingInversion):
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
         init: Literal["null", "source"] = "null",
+        editor: Editor | None = None,
     ):
         """
         Args:
@@ -49,8 +51,9 @@ class NullTextInversion(OptimizingInversion):
             early_stop_delta: See ``early_stop_epsilon``.
             init: Start of the first step's embedding: 'null' (the null prompt, as the paper) or 'source' (the
                 source prompt: negative-prompt inversion's solution as a warm start).
+            editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
-        super().__init__(backbone, num_inference_steps, guidance_scale)
+        super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta)
         self.init = init
 

@@ -1,0 +1,160 @@
+"""Reconstruction benchmark on held-out shapes scenes: PSNR and seconds per image of every inversion method at
+several step counts, and our null-text inversion against a straightforward reference-style loop.
+
+    python scripts/benchmark_reconstruction.py                      # 10 held-out scenes, 10/20/50 steps
+    python scripts/benchmark_reconstruction.py --scenes 4 --steps 10 --model /path/to/sd   # any model
+
+Prints a Markdown table and writes it with a CSV to --out. Timings use one torch thread (the machine is shared);
+each method runs all scenes as one batch, as `diffinv` does, except the reference-style loop (batch 1, as the
+reference notebook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from diffinv import (  # noqa: E402
+    BackboneConfig,
+    DDIMInversion,
+    LatentTrajectoryOptimization,
+    NegativePromptInversion,
+    NullTextInversion,
+    ProximalNegativePromptInversion,
+)
+from diffinv.data import Item, image_tensor  # noqa: E402
+from diffinv.ddim import ddim_step, invert  # noqa: E402
+from diffinv.guidance import cfg  # noqa: E402
+from diffinv.metrics import psnr  # noqa: E402
+from diffinv.shapes.world import render, sample_scenes  # noqa: E402
+
+METHODS = {
+    "DDIM+CFG": lambda bb, n: DDIMInversion(bb, n),
+    "NPI": lambda bb, n: NegativePromptInversion(bb, n),
+    "ProxNPI": lambda bb, n: ProximalNegativePromptInversion(bb, n),
+    "NTI": lambda bb, n: NullTextInversion(bb, n),
+    "NTI (source init)": lambda bb, n: NullTextInversion(bb, n, init="source"),
+    "latent-TOP": lambda bb, n: LatentTrajectoryOptimization(bb, n),
+}
+
+
+def held_out_items(n: int, seed: int) -> list[Item]:
+    return [Item(f"scene-{i}", render(s), s.caption, []) for i, s in enumerate(sample_scenes(n, seed, "held_out"))]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (normal approximation)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return m, 1.96 * sd / math.sqrt(len(values))
+
+
+def run_method(method, items: list[Item]) -> tuple[list[float], float, float]:
+    """PSNRs, seconds per image, inner iterations per image (optimizing methods)."""
+    optimizing = hasattr(method, "tracking")
+    method.backbone.encode_prompts([i.source_prompt for i in items] + [""])  # text encoding outside the timing
+    start = time.perf_counter()
+    with torch.enable_grad() if optimizing else torch.inference_mode():
+        results = method.run_batch(items)
+    seconds = (time.perf_counter() - start) / len(items)
+    iters = sum(r.extra.get("inner_iterations", 0) for r in results) / len(items)
+    return [psnr(r.reconstruction, r.source) for r in results], seconds, iters
+
+
+def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[list[float], float, float]:
+    """The NTI reference notebook's loop on the same model: one image at a time, a fresh torch Adam per step,
+    the conditional branch once per step, `.item()` on the loss every iteration, break after the update once the
+    loss is below epsilon + i * delta, then one more forward to advance."""
+    bb, n, w = method.backbone, method.num_inference_steps, method.guidance_scale
+    s = method.tracking
+    schedule = bb.schedule(n)
+    scores, total_iters = [], 0
+    start = time.perf_counter()
+    for item in items:
+        image = image_tensor(item.image)[None]
+        cond = bb.encode_prompts([item.source_prompt])
+        null = bb.encode_prompts([""])
+        with torch.no_grad():
+            z0 = bb.encode_image(image)
+            traj = invert(lambda z, t: bb.eps(z, t, cond), z0, schedule)
+        uncond = null.clone()
+        embs = []
+        z = traj[-1]
+        for i, k in enumerate(range(n, 0, -1)):
+            t = schedule.timesteps[k - 1]
+            a_t, a_prev = schedule.alphas[k].float(), schedule.alphas[k - 1].float()
+            uncond = uncond.clone().detach().requires_grad_(True)
+            opt = torch.optim.Adam([uncond], lr=s.lr * (1.0 - i / 100.0))
+            with torch.no_grad():
+                eps_c = bb.eps(z, t, cond)
+            for _ in range(s.num_inner_steps):
+                z_prev = ddim_step(z, cfg(bb.eps(z, t, uncond), eps_c, w), a_t, a_prev)
+                loss = torch.nn.functional.mse_loss(z_prev, traj[k - 1])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total_iters += 1
+                if loss.item() < s.epsilon + i * s.delta:
+                    break
+            with torch.no_grad():
+                z = ddim_step(z, cfg(bb.eps(z, t, uncond), eps_c, w), a_t, a_prev)
+            embs.append(uncond.detach())
+        with torch.no_grad():
+            rec_latent = z  # the tracked trajectory's end is the reconstruction under these embeddings
+            rec = bb.decode(rec_latent)[0]
+        scores.append(psnr(rec, image[0]))
+    seconds = (time.perf_counter() - start) / len(items)
+    return scores, seconds, total_iters / len(items)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="shapes", help="'shapes', a hub id or a diffusers folder")
+    p.add_argument("--scenes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--methods", nargs="+", default=list(METHODS) + ["NTI reference-style loop"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_reconstruction")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bb = BackboneConfig(pretrained=args.model)
+    items = held_out_items(args.scenes, args.seed)
+    rows = []
+    for n in args.steps:
+        for name in args.methods:
+            if name == "NTI reference-style loop":
+                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n), items)
+            else:
+                scores, seconds, iters = run_method(METHODS[name](bb, n), items)
+            m, ci = mean_ci(scores)
+            rows.append({"steps": n, "method": name, "psnr": m, "psnr_ci95": ci, "seconds_per_image": seconds,
+                         "inner_iterations_per_image": iters, "images": len(items)})
+            print(f"{n:>3} steps  {name:<26} PSNR {m:6.2f} ± {ci:4.2f} dB   {seconds:7.3f} s/image"
+                  + (f"   {iters:6.1f} inner iterations/image" if iters else ""), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "reconstruction.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| steps | method | PSNR (dB, mean ± 95% CI) | s / image | inner iterations / image |", "|---|---|---|---|---|"]
+    table += [f"| {r['steps']} | {r['method']} | {r['psnr']:.2f} ± {r['psnr_ci95']:.2f} | {r['seconds_per_image']:.3f} | "
+              f"{r['inner_iterations_per_image']:.0f} |" for r in rows]
+    (args.out / "reconstruction.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

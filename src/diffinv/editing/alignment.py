@@ -1,0 +1,121 @@
+"""Token bookkeeping of Prompt-to-Prompt (Hertz et al. 2022): which tokens each word owns, and how the tokens of a
+target prompt map onto the source prompt's, pure torch.
+
+Every mapping is a matrix M (L, L) and a mask a (L,) over token positions (L = the tokenizer's padded length):
+the edited cross-attention of a target row is ``A_src @ M + A_tgt * (1 - a)`` — replace (word swap) has a = 1,
+refine keeps the target's own attention where a token has no counterpart in the source (a = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import DiffinvError
+
+
+def word_token_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """(word, token positions) of each whitespace-separated word, positions counted after the start token."""
+    spans, pos = [], 1
+    for word in prompt.split():
+        n = len(tokenizer(word, add_special_tokens=False).input_ids)
+        spans.append((word, list(range(pos, pos + n))))
+        pos += n
+    return spans
+
+
+def token_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
+    """Token positions of every occurrence of any of ``words`` in ``prompt`` (case-insensitive); words cut off by
+    the tokenizer's length limit have none."""
+    wanted = {w.lower() for w in words}
+    last = tokenizer.model_max_length - 1  # the end token's place when a prompt is truncated
+    return [p for word, ps in word_token_spans(tokenizer, prompt) if word.lower().strip(".,;:!?") in wanted
+            for p in ps if p < last]
+
+
+def _length(tokenizer, prompt: str) -> int:
+    return min(len(tokenizer(prompt).input_ids), tokenizer.model_max_length)
+
+
+def _tail_identity(m: Tensor, a: Tensor, src_len: int, tgt_len: int) -> None:
+    """Map the end token and the padding of the target onto the source's, position by position from the end."""
+    L = m.shape[0]
+    for j in range(tgt_len - 1, L):
+        i = min(L - 1, j - tgt_len + src_len)
+        m[i, j], a[j] = 1.0, 1.0
+
+
+def replace_mapping(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
+    """Word swap: the i-th word of ``target`` takes the attention of the i-th word of ``source``; a word of a
+    different token count takes the mean attention of the source word's tokens. Needs equal word counts."""
+    src, tgt = word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)
+    if len(src) != len(tgt):
+        raise DiffinvError(
+            f"prompt-to-prompt replace needs prompts with equal word counts: source {source!r} has {len(src)} "
+            f"words, target {target!r} has {len(tgt)} (use mode 'refine' for added or removed words)")
+    L = tokenizer.model_max_length
+    m, a = torch.zeros(L, L), torch.zeros(L)
+    m[0, 0], a[0] = 1.0, 1.0  # start token
+    for (_, s), (_, t) in zip(src, tgt):
+        s, t = [i for i in s if i < L - 1], [j for j in t if j < L - 1]
+        if len(s) == len(t):
+            for i, j in zip(s, t):
+                m[i, j] = 1.0
+        elif s:
+            for j in t:
+                m[s, j] = 1.0 / len(s)
+        a[t] = 1.0
+    _tail_identity(m, a, _length(tokenizer, source), _length(tokenizer, target))
+    return m, a
+
+
+def global_alignment(x: list[int], y: list[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list[int]:
+    """Needleman-Wunsch alignment of sequence y onto x: for each y[j], the aligned index in x or -1.
+
+    Scores as the Prompt-to-Prompt reference: gap 0, match 1, mismatch -1; ties prefer a diagonal move.
+    """
+    n, k = len(x), len(y)
+    score = [[0] * (k + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        score[i][0] = i * gap
+    for j in range(1, k + 1):
+        score[0][j] = j * gap
+    for i in range(1, n + 1):
+        for j in range(1, k + 1):
+            diag = score[i - 1][j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
+            score[i][j] = max(diag, score[i - 1][j] + gap, score[i][j - 1] + gap)
+    out, i, j = [-1] * k, n, k
+    while i > 0 and j > 0:
+        if score[i][j] == score[i - 1][j - 1] + (match if x[i - 1] == y[j - 1] else mismatch) and x[i - 1] == y[j - 1]:
+            out[j - 1] = i - 1
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j] + gap:
+            i -= 1
+        elif score[i][j] == score[i][j - 1] + gap:
+            j -= 1
+        else:
+            i, j = i - 1, j - 1
+    return out
+
+
+def refine_mapping(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
+    """Refinement: target tokens aligned to equal source tokens (global alignment) take the source's attention;
+    new tokens (a = 0) keep their own."""
+    L = tokenizer.model_max_length
+    x = tokenizer(source, truncation=True, max_length=L).input_ids
+    y = tokenizer(target, truncation=True, max_length=L).input_ids
+    aligned = global_alignment(x[1:-1], y[1:-1])
+    m, a = torch.zeros(L, L), torch.zeros(L)
+    m[0, 0], a[0] = 1.0, 1.0
+    for j, i in enumerate(aligned):
+        if i >= 0:
+            m[i + 1, j + 1], a[j + 1] = 1.0, 1.0
+    _tail_identity(m, a, len(x), len(y))
+    return m, a
+
+
+def equalizer(tokenizer, prompt: str, words: list[str], scale: float) -> Tensor:
+    """(L,) attention multipliers: ``scale`` on the tokens of ``words`` in ``prompt``, 1 elsewhere."""
+    eq = torch.ones(tokenizer.model_max_length)
+    eq[token_positions(tokenizer, prompt, words)] = scale
+    return eq

@@ -1,0 +1,276 @@
+"""Prompt-to-Prompt attention control (Hertz et al. 2022) through diffusers' public attention-processor API.
+
+:class:`PromptToPrompt` is the editor's configuration; :meth:`PromptToPrompt.controller` builds the per-run
+:class:`AttentionController` for the rows of one sampling batch; :func:`attention_control` installs
+:class:`ControlledAttnProcessor` on every attention layer with ``unet.set_attn_processor`` and restores the
+previous processors afterwards, whatever happens. Layers and steps that need no control run PyTorch's SDPA.
+
+Rows: the sampler's conditional branch holds, per item, a source row (its reconstruction) and target rows (its
+edits). Only the conditional branch is controlled, as in the reference. For a target row with source row s:
+
+* cross-attention, while the word's ``cross_replace_steps`` last:  A ← (A_s M + A (1 − a)) · eq
+  (M, a: replace or refine mapping, :mod:`diffinv.editing.alignment`; eq: reweighting);
+* self-attention, inside ``self_replace_steps`` and on maps of at most ``max_self_attention_tokens`` queries:
+  A ← A_s;
+* local blend, from ``local_blend_start`` of the steps on: z ← z_s + m (z − z_s), m = the union of the source's
+  and the target's thresholded cross-attention maps of ``local_blend_words`` (3x3 max-pool, normalised by the
+  max, > ``local_blend_threshold``), summed over steps so far, at the layer resolution nearest latent / 4.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import DiffinvError
+from .alignment import equalizer, refine_mapping, replace_mapping, token_positions, word_token_spans
+
+
+class Editor:
+    """Base of the editing recipes a method's ``editor`` field takes."""
+
+
+class PromptToPrompt(Editor):
+    """Prompt-to-Prompt attention control: word swap (replace), refinement, reweighting, local blend."""
+
+    def __init__(
+        self,
+        mode: Literal["replace", "refine"] = "replace",
+        cross_replace_steps: float | dict[str, float] = 0.8,
+        self_replace_steps: float | tuple[float, float] = 0.4,
+        reweight_words: list[str] | None = None,
+        reweight_scale: float = 2.0,
+        local_blend_words: list[str] | None = None,
+        local_blend_threshold: float = 0.3,
+        local_blend_start: float = 0.2,
+        max_self_attention_tokens: int = 1024,
+    ):
+        """
+        Args:
+            mode: 'replace' (word swap: equal word counts) or 'refine' (added/removed words, aligned globally).
+            cross_replace_steps: Fraction of the steps (from the first) during which target rows take the source's
+                cross-attention; or per word, e.g. {"default": 0.8, "dog": 0.4}.
+            self_replace_steps: Fraction of the steps (from the first), or a (start, end) fraction, during which
+                target rows take the source's self-attention.
+            reweight_words: Words whose cross-attention is multiplied by ``reweight_scale`` in the target rows
+                (composable with both modes; words not in a prompt are ignored).
+            reweight_scale: The equalizer value (the reference uses 2-5; < 1 weakens a word).
+            local_blend_words: Words whose attention region is the only part allowed to change (source and
+                target words, e.g. ["cat", "dog"]); none: no local blend.
+            local_blend_threshold: Threshold of the normalised attention mask (reference: 0.3).
+            local_blend_start: Fraction of the steps after which latents are blended (reference: 0.2).
+            max_self_attention_tokens: Self-attention maps with more queries are never replaced (reference: 32^2).
+        """
+        if isinstance(self_replace_steps, (int, float)):
+            self_replace_steps = (0.0, float(self_replace_steps))
+        if not (0 <= self_replace_steps[0] <= self_replace_steps[1] <= 1):
+            raise DiffinvError(f"self_replace_steps must be a fraction or 0 <= start <= end <= 1, got {self_replace_steps}")
+        fractions = cross_replace_steps.values() if isinstance(cross_replace_steps, dict) else [cross_replace_steps]
+        if not all(0 <= f <= 1 for f in fractions):
+            raise DiffinvError(f"cross_replace_steps must be fractions in [0, 1], got {cross_replace_steps}")
+        self.mode = mode
+        self.cross_replace_steps = cross_replace_steps
+        self.self_replace_steps = tuple(self_replace_steps)
+        self.reweight_words, self.reweight_scale = list(reweight_words or []), reweight_scale
+        self.local_blend_words = list(local_blend_words or [])
+        self.local_blend_threshold, self.local_blend_start = local_blend_threshold, local_blend_start
+        self.max_self_attention_tokens = max_self_attention_tokens
+
+    def _cross_alpha(self, tokenizer, target: str, num_steps: int) -> Tensor:
+        """(N, L) 1 while the target token's cross-attention is replaced at step index s (0 = first step)."""
+        L = tokenizer.model_max_length
+        steps = torch.arange(num_steps).float()[:, None]
+        spec = self.cross_replace_steps
+        default = spec.get("default", spec.get("default_", 1.0)) if isinstance(spec, dict) else spec
+        until = torch.full((L,), float(default))
+        if isinstance(spec, dict):
+            for word, frac in spec.items():
+                if word not in ("default", "default_"):
+                    until[token_positions(tokenizer, target, [word])] = float(frac)
+        return (steps < until[None] * num_steps).float()
+
+    def controller(self, tokenizer, sources: list[str], targets: list[str | None], source_index: list[int],
+                   num_steps: int, latent_hw: tuple[int, int]) -> "AttentionController":
+        """The controller of one sampling run. Row r of the conditional branch has prompt ``targets[r]`` (None
+        for a source row) and source row ``source_index[r]`` with prompt ``sources[r]``."""
+        B, L = len(targets), tokenizer.model_max_length
+        M = torch.eye(L).repeat(B, 1, 1)
+        a = torch.ones(B, L)
+        eq = torch.ones(B, L)
+        alpha = torch.zeros(num_steps, B, L)
+        blend = torch.zeros(B, L)
+        for r, (src, tgt) in enumerate(zip(sources, targets)):
+            prompt = src if tgt is None else tgt
+            if self.local_blend_words:
+                blend[r, token_positions(tokenizer, prompt, self.local_blend_words)] = 1.0
+            if tgt is None:
+                continue
+            M[r], a[r] = (replace_mapping if self.mode == "replace" else refine_mapping)(tokenizer, src, tgt)
+            if self.reweight_words:
+                eq[r] = equalizer(tokenizer, tgt, self.reweight_words, self.reweight_scale)
+            alpha[:, r] = self._cross_alpha(tokenizer, tgt, num_steps)
+        s0, s1 = self.self_replace_steps
+        idx = torch.arange(num_steps)
+        self_on = (idx >= math.floor(s0 * num_steps)) & (idx < math.floor(s1 * num_steps))
+        return AttentionController(
+            source_index=torch.tensor(source_index), is_target=torch.tensor([t is not None for t in targets]),
+            mapping=M, keep=1 - a, equalizer=eq, cross_alpha=alpha, self_on=self_on,
+            max_self_tokens=self.max_self_attention_tokens, blend_tokens=blend if self.local_blend_words else None,
+            blend_threshold=self.local_blend_threshold, blend_from=math.floor(self.local_blend_start * num_steps),
+            latent_hw=latent_hw)
+
+
+@dataclass
+class AttentionController:
+    """Per-run state of Prompt-to-Prompt; tensors are over the B rows of the conditional branch."""
+
+    source_index: Tensor
+    is_target: Tensor
+    mapping: Tensor
+    keep: Tensor
+    equalizer: Tensor
+    cross_alpha: Tensor
+    self_on: Tensor
+    max_self_tokens: int
+    blend_tokens: Tensor | None
+    blend_threshold: float
+    blend_from: int
+    latent_hw: tuple[int, int]
+    step: int = 0
+
+    def __post_init__(self):
+        self.blend_maps: dict[int, Tensor] = {}
+
+    def to(self, device) -> "AttentionController":
+        for name in ("source_index", "is_target", "mapping", "keep", "equalizer", "cross_alpha", "self_on", "blend_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    @property
+    def rows(self) -> int:
+        return len(self.is_target)
+
+    def wants_probs(self, is_cross: bool, queries: int) -> bool:
+        if is_cross:
+            return bool(self.cross_alpha[self.step].any()) or self.blend_tokens is not None
+        return bool(self.self_on[self.step]) and queries <= self.max_self_tokens
+
+    def edit(self, probs: Tensor, is_cross: bool, heads: int) -> Tensor:
+        """probs: (rows_total * heads, Lq, Lk) attention probabilities; edits the first ``rows`` rows."""
+        B = self.rows
+        p = probs.view(-1, heads, *probs.shape[1:])
+        cond = p[:B]
+        src = cond[self.source_index]
+        t = self.is_target.view(-1, 1, 1, 1)
+        if is_cross:
+            if self.blend_tokens is not None:
+                self._store_blend_map(cond)
+            alpha = self.cross_alpha[self.step].view(B, 1, 1, -1).to(p.dtype)
+            if not bool(alpha.any()):
+                return probs
+            new = torch.einsum("bhqk,bkj->bhqj", src, self.mapping.to(p.dtype))
+            new = (new + cond * self.keep.view(B, 1, 1, -1).to(p.dtype)) * self.equalizer.view(B, 1, 1, -1).to(p.dtype)
+            edited = new * alpha + cond * (1 - alpha)
+        else:
+            edited = src
+        cond = torch.where(t, edited, cond)
+        return torch.cat([cond, p[B:]]).view_as(probs)
+
+    def _store_blend_map(self, cond: Tensor) -> None:
+        """Accumulate, per row, the mean over heads of the attention to the blend words: (B, Lq)."""
+        m = (cond.mean(1) * self.blend_tokens[:, None, :].to(cond.dtype)).sum(-1).float()
+        q = m.shape[1]
+        self.blend_maps[q] = self.blend_maps.get(q, 0) + m.detach()
+
+    def after_step(self, z: Tensor, step: int) -> Tensor:
+        """Local blend of the conditional rows' latents once the step index reaches ``blend_from``."""
+        if self.blend_tokens is None or step < self.blend_from or not self.blend_maps:
+            return z
+        H, W = self.latent_hw
+        q = min(self.blend_maps, key=lambda n: abs(math.log(n / max(1.0, (H / 4) * (W / 4)))))
+        f = round(math.sqrt(H * W / q))
+        maps = self.blend_maps[q].view(-1, 1, H // f, W // f)
+        maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+        maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
+        maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        mask = (maps > self.blend_threshold).to(z.dtype)
+        mask = torch.maximum(mask, mask[self.source_index])  # union with the source row's region
+        src = z[self.source_index]
+        blended = src + mask * (z - src)
+        return torch.where(self.is_target.view(-1, 1, 1, 1), blended, z)
+
+
+class ControlledAttnProcessor:
+    """An attention processor that exposes the attention probabilities to a controller where it asks for them,
+    and runs SDPA elsewhere. Same computation as diffusers' default processors otherwise."""
+
+    def __init__(self, controller: AttentionController):
+        self.controller = controller
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, queries, _ = hidden_states.shape
+        is_cross = encoder_hidden_states is not None
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        context = encoder_hidden_states if is_cross else hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if self.controller.wants_probs(is_cross, queries):
+            q, k, v = (attn.head_to_batch_dim(x) for x in (query, key, value))
+            probs = attn.get_attention_scores(q, k, attention_mask)
+            probs = self.controller.edit(probs, is_cross, attn.heads)
+            out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        else:
+            d = key.shape[-1] // attn.heads
+            q, k, v = (x.view(batch, -1, attn.heads, d).transpose(1, 2) for x in (query, key, value))
+            if attention_mask is not None:
+                attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * d).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(unet, controller: AttentionController):
+    """Install the controller on every attention layer of ``unet``; restore the previous processors on exit."""
+    previous = dict(unet.attn_processors)
+    unet.set_attn_processor(ControlledAttnProcessor(controller))
+    try:
+        yield controller
+    finally:
+        unet.set_attn_processor(previous)
+
+
+def check_word_counts(tokenizer, source: str, targets: list[str]) -> None:
+    """Fail early, naming both counts, when replace mode gets prompts of different word counts."""
+    n = len(word_token_spans(tokenizer, source))
+    for t in targets:
+        m = len(word_token_spans(tokenizer, t))
+        if m != n:
+            raise DiffinvError(
+                f"prompt-to-prompt replace needs prompts with equal word counts: source {source!r} has {n} words, "
+                f"target {t!r} has {m} (use mode 'refine' for added or removed words)")

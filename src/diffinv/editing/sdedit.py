@@ -1,0 +1,42 @@
+"""SDEdit (Meng et al. 2022): noise the source latent part-way, then denoise it with the target prompt."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..ddim import Schedule, from_x0
+from ..errors import DiffinvError
+from .prompt_to_prompt import Editor
+
+
+class SDEdit(Editor):
+    """Start the edits at the level ``strength`` of the way to pure noise, from the source latent noised there
+    (SDEdit) or from the DDIM-inverted latent of that level (NPI paper appendix C.3); the reconstruction row
+    is the inversion method's own."""
+
+    def __init__(self, strength: float = 0.5, start_from: Literal["noise", "inversion"] = "noise", seed: int = 0):
+        """
+        Args:
+            strength: Fraction t0 of the sampling steps the edit runs (0: no change, 1: from pure noise).
+            start_from: 'noise': sqrt(a) z0 + sqrt(1 - a) n with fresh Gaussian n (SDEdit); 'inversion': the DDIM
+                inversion trajectory's latent at that level (deterministic).
+            seed: Seed of the noise of 'noise'.
+        """
+        if not 0 < strength <= 1:
+            raise DiffinvError(f"SDEdit strength must be in (0, 1], got {strength}")
+        self.strength, self.start_from, self.seed = strength, start_from, seed
+
+    def start_level(self, num_steps: int) -> int:
+        return max(1, min(num_steps, round(self.strength * num_steps)))
+
+    def start_latents(self, z0: Tensor, trajectory: Tensor, schedule: Schedule) -> Tensor:
+        """(B, C, h, w) start latents of the edit rows at :meth:`start_level`. ``trajectory``: (N + 1, B, ...)."""
+        k = self.start_level(schedule.num_steps)
+        if self.start_from == "inversion":
+            return trajectory[k]
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=gen) for _ in range(z0.shape[0])]).to(z0)
+        return from_x0(z0, noise, schedule.alphas[k].to(z0.dtype))

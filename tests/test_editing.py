@@ -1,0 +1,158 @@
+"""Prompt-to-Prompt and SDEdit on tiny components."""
+
+import pytest
+import torch
+
+from diffinv import BackboneConfig, DiffinvError, NegativePromptInversion
+from diffinv.editing import PromptToPrompt, SDEdit
+from diffinv.editing.alignment import equalizer, global_alignment, refine_mapping, replace_mapping
+from diffinv.editing.prompt_to_prompt import AttentionController
+from diffinv.shapes.tokenizer import load_tokenizer
+from test_methods import item
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def bb(tiny_model_dir):
+    return BackboneConfig(pretrained=str(tiny_model_dir))
+
+
+def test_replace_mapping_swaps_words_and_names_counts(tok):
+    m, a = replace_mapping(tok, "a red car", "a blue car")
+    assert torch.equal(m, torch.eye(tok.model_max_length)) and a.min() == 1
+    with pytest.raises(DiffinvError, match="source 'a red car' has 3 words, target 'a big red car' has 4"):
+        replace_mapping(tok, "a red car", "a big red car")
+
+
+def test_replace_mapping_spreads_multi_token_words(tok):
+    m, _ = replace_mapping(tok, "a cat", "a xyz")  # 'xyz' is several character tokens
+    n = len(tok("xyz", add_special_tokens=False).input_ids)
+    assert n > 1
+    assert m[2, 2 : 2 + n].tolist() == [1.0] * n  # every piece of 'xyz' takes 'cat''s attention
+    assert m[3, 2 + n] == 1  # end token onto end token
+
+
+def test_refine_alignment_and_new_words(tok):
+    assert global_alignment([1, 2, 3], [1, 9, 2, 3]) == [0, -1, 1, 2]
+    m, a = refine_mapping(tok, "a red car", "a big red car")
+    assert a[2] == 0  # 'big' is new: keeps its own attention
+    assert m[1, 1] == 1 and m[2, 3] == 1 and m[3, 4] == 1  # a, red, car aligned
+
+
+def test_equalizer_scales_only_the_words(tok):
+    eq = equalizer(tok, "a big red car", ["red"], 3.0)
+    assert eq[3] == 3.0 and eq[[0, 1, 2, 4]].tolist() == [1.0] * 4
+
+
+def test_cross_replace_schedule_per_word(tok):
+    p2p = PromptToPrompt(cross_replace_steps={"default": 1.0, "dog": 0.4})
+    alpha = p2p._cross_alpha(tok, "a dog on the grass", 10)
+    assert alpha[:, 2].sum() == 4 and alpha[:, 1].sum() == 10
+
+
+def method(bb, editor=None):
+    return NegativePromptInversion(bb, STEPS, editor=editor)
+
+
+@torch.inference_mode()
+def run(m, items):
+    return m.run_batch(items)
+
+
+def test_identical_prompts_return_the_reconstruction_exactly(bb):
+    r = run(method(bb, PromptToPrompt(self_replace_steps=1.0, cross_replace_steps=1.0)),
+            [item(0, targets=["a photo of a cat"])])[0]
+    assert torch.equal(r.edits[0], r.reconstruction)
+
+
+def test_processors_are_restored_after_an_edit_even_on_error(bb):
+    m = method(bb, PromptToPrompt())
+    before = {k: type(v) for k, v in m.backbone.unet.attn_processors.items()}
+    run(m, [item(0)])
+    assert {k: type(v) for k, v in m.backbone.unet.attn_processors.items()} == before
+    m.editor.cross_replace_steps = {"default": 1.0}
+    m.editor.mode = "replace"
+    with pytest.raises(DiffinvError, match="equal word counts"):
+        run(m, [item(0, targets=["a big photo of a dog"])])
+    assert {k: type(v) for k, v in m.backbone.unet.attn_processors.items()} == before
+
+
+def test_replaced_words_attend_like_the_source(bb, monkeypatch):
+    """During cross-replace steps the swapped word's cross-attention map in the target row is the source's."""
+    seen = []
+    original = AttentionController.edit
+
+    def spy(self, probs, is_cross, heads):
+        out = original(self, probs, is_cross, heads)
+        if is_cross and self.cross_alpha[self.step].any():
+            p = out.view(-1, heads, *out.shape[1:])
+            seen.append((p[0, :, :, 4].clone(), p[1, :, :, 4].clone()))  # 'cat' / 'dog' token (a photo of a X)
+        return out
+
+    monkeypatch.setattr(AttentionController, "edit", spy)
+    m = method(bb, PromptToPrompt(cross_replace_steps=1.0, self_replace_steps=0.0))
+    cross_layers = sum(1 for name in m.backbone.unet.attn_processors if "attn2" in name)
+    r = run(m, [item(0)])[0]
+    assert len(seen) == STEPS * cross_layers  # every cross-attention layer, every step
+    for src, tgt in seen:
+        torch.testing.assert_close(tgt, src)
+    plain = run(method(bb), [item(0)])[0]
+    assert (plain.edits[0] - r.edits[0]).abs().max() > 1e-4  # the control changes the edit
+
+
+def test_self_attention_is_the_source_s_inside_its_window_only(bb, monkeypatch):
+    record = []
+    original = AttentionController.edit
+
+    def spy(self, probs, is_cross, heads):
+        out = original(self, probs, is_cross, heads)
+        if not is_cross:
+            p = out.view(-1, heads, *out.shape[1:])
+            record.append((self.step, torch.equal(p[0], p[1])))
+        return out
+
+    monkeypatch.setattr(AttentionController, "edit", spy)
+    run(method(bb, PromptToPrompt(self_replace_steps=(0.2, 0.6), cross_replace_steps=0.0)), [item(0)])
+    steps = {step for step, _ in record}
+    assert steps == {1, 2}  # 5 steps: indices floor(0.2*5)=1 .. floor(0.6*5)-1=2; other steps run SDPA
+    assert all(same for _, same in record)
+
+
+def test_local_blend_keeps_pixels_outside_the_region(bb):
+    p2p = PromptToPrompt(local_blend_words=["cat", "dog"], local_blend_threshold=0.99, local_blend_start=0.0)
+    r = run(method(bb, p2p), [item(0)])[0]
+    # a threshold of 0.99 leaves only the peak of the word maps editable: the edit stays close to the source row
+    plain = run(method(bb), [item(0)])[0]
+    assert float((r.edits[0] - r.reconstruction).abs().mean()) < float((plain.edits[0] - plain.reconstruction).abs().mean())
+
+
+def test_batched_items_with_p2p_equal_single_runs(bb):
+    m = method(bb, PromptToPrompt(mode="refine"))
+    items = [item(0), item(1, targets=["a photo of a big dog", "a red car"]), item(2, targets=[])]
+    together = run(m, items)
+    for it, r in zip(items, together):
+        alone = run(m, [it])[0]
+        for x, y in zip([r.reconstruction, *r.edits], [alone.reconstruction, *alone.edits]):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_sdedit_full_strength_from_inversion_is_the_reconstruction(bb):
+    r = run(method(bb, SDEdit(strength=1.0, start_from="inversion")), [item(0, targets=["a photo of a cat"])])[0]
+    torch.testing.assert_close(r.edits[0], r.reconstruction, atol=1e-5, rtol=0)
+
+
+def test_sdedit_strength_sets_how_far_the_edit_goes(bb):
+    weak = run(method(bb, SDEdit(strength=0.2)), [item(0)])[0]
+    strong = run(method(bb, SDEdit(strength=1.0)), [item(0)])[0]
+    again = run(method(bb, SDEdit(strength=0.2)), [item(0)])[0]
+    assert torch.equal(weak.edits[0], again.edits[0])  # seeded
+    err = lambda r: float(((r.edits[0] - r.source) ** 2).mean())  # noqa: E731
+    assert err(weak) < err(strong)
+    with pytest.raises(DiffinvError, match="strength"):
+        SDEdit(strength=0.0)
