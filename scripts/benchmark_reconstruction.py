@@ -48,7 +48,7 @@ METHODS = {
 
 
 def held_out_items(n: int, seed: int) -> list[Item]:
-    return [Item(f"scene-{i}", render(s), s.caption, []) for i, s in enumerate(sample_scenes(n, seed, "held_out"))]
+    return [Item(f"scene-{i}", render(s), s.caption, [], resolution=32) for i, s in enumerate(sample_scenes(n, seed, "held_out"))]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

@@ -112,3 +112,9 @@ def test_saved_record_reproduces_reconstruction_bit_for_bit(methods, name, tmp_p
         again = m.backbone.decode(torch.stack([rec, *edits]))
     assert torch.equal(again[0], r.reconstruction)
     assert torch.equal(again[1], r.edits[0])
+
+
+def test_each_record_keeps_its_own_target_prompts(methods):
+    out = run(methods["npi"], [item(0, targets=["a red car"]), item(1, targets=["a blue car", "a dog"])])
+    assert out[0].inversion.meta["target_prompts"] == '["a red car"]'
+    assert out[1].inversion.meta["target_prompts"] == '["a blue car", "a dog"]'

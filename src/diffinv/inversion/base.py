@@ -110,10 +110,10 @@ class InversionMethod(L.LightningModule):
         return False
 
     # --- pipeline ---------------------------------------------------------------------------------------------
-    def prepare_images(self, items: list[Item]) -> Tensor:
+    def fitted_image(self, item: Item):
+        """The item's image resized/cropped for this model (:func:`diffinv.data.fit_to_model`)."""
         bb = self.backbone
-        arrays = [fit_to_model(i.image, i.resolution or bb.native_resolution, bb.vae_scale_factor, i.square) for i in items]
-        return torch.stack([image_tensor(a) for a in arrays]).to(self.device)
+        return fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor, item.square)
 
     def invert_items(self, items: list[Item], images: Tensor) -> list[Inversion]:
         """Invert a batch of same-size images; one Inversion per item."""
@@ -135,7 +135,7 @@ class InversionMethod(L.LightningModule):
                 unconditional=out["unconditional"][b] if "unconditional" in out else None,
                 z_T=out["z_T"][b] if "z_T" in out else None,
                 extra={k: v[b] for k, v in out.get("extra", {}).items()},
-                meta=out.get("meta", {}),
+                meta=dict(out.get("meta", {})),  # one dict per record: run_items adds per-item entries
             ))
         return records
 
@@ -218,15 +218,17 @@ class InversionMethod(L.LightningModule):
     def on_train_start(self) -> None:
         self.check_items(getattr(self.trainer.datamodule, "items", None) or [])
 
-    def run_items(self, items: list[Item]) -> list[ItemResult]:
-        """Invert (or load the saved inversion of), reconstruct and edit items of one image size."""
+    def run_items(self, items: list[Item], fitted: list | None = None) -> list[ItemResult]:
+        """Invert (or load the saved inversion of), reconstruct and edit items of one image size; ``fitted``:
+        their images already passed through :meth:`fitted_image`."""
         _sync(self.device)
         t0 = time.perf_counter()
         if items[0].inversion is not None:
             inversions = [self.load_inversion(i) for i in items]
             images = torch.stack([inv.source_image.float() / 255 for inv in inversions]).to(self.device)
         else:
-            images = self.prepare_images(items)
+            fitted = fitted if fitted is not None else [self.fitted_image(i) for i in items]
+            images = torch.stack([image_tensor(a) for a in fitted]).to(self.device)
             inversions = self.invert_items(items, images)
         _sync(self.device)
         t1 = time.perf_counter()
@@ -264,16 +266,16 @@ class InversionMethod(L.LightningModule):
 
     def run_batch(self, batch: list[Item]) -> list[ItemResult]:
         """Group a batch by image size (and saved vs new inversions), run each group, keep the batch order."""
-        groups: dict[tuple, list[Item]] = {}
-        bb = self.backbone
+        groups: dict[tuple, tuple[list[Item], list]] = {}
         for item in batch:
             if item.inversion is not None:
-                key = ("record", item.id)
+                groups[("record", item.id)] = ([item], None)
             else:
-                key = fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor,
-                                   item.square).shape
-            groups.setdefault(key, []).append(item)
-        by_id = {r.id: r for group in groups.values() for r in self.run_items(group)}
+                image = self.fitted_image(item)
+                group = groups.setdefault(image.shape, ([], []))
+                group[0].append(item)
+                group[1].append(image)
+        by_id = {r.id: r for items, fitted in groups.values() for r in self.run_items(items, fitted)}
         return [by_id[item.id] for item in batch]
 
     def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
