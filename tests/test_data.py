@@ -57,11 +57,12 @@ def write_manifest(tmp_path, rows):
     return tmp_path / "captions.jsonl"
 
 
-def test_manifest_paths_are_relative_to_its_folder_and_ids_unique(tmp_path):
+def test_manifest_paths_are_relative_to_its_folder_and_ids_unique(tmp_path, capsys):
     m = write_manifest(tmp_path, [{"image": "a.png", "source_prompt": "x", "target_prompts": ["y"]},
                                   {"image": "a.png", "source_prompt": "x"}])
     dm = InversionData(manifest=str(m))
     dm.setup()
+    assert "1 item(s) have no target prompts and are only reconstructed (a-2)" in capsys.readouterr().out
     assert [i.id for i in dm.items] == ["a", "a-2"]
     assert dm.items[1].target_prompts == []
     assert read_manifest(m)[0]["image"] == tmp_path / "a.png"

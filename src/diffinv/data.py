@@ -250,6 +250,10 @@ class InversionData(L.LightningDataModule):
             if done:
                 print(f"diffinv: skipping {len(done)} item(s) already finished in {self.output_dir} "
                       f"({', '.join(self.skipped[:5])}{'...' if len(done) > 5 else ''}); delete their folders to redo them")
+        lone = [i.id for i in items if not i.target_prompts]
+        if lone:
+            print(f"diffinv: {len(lone)} item(s) have no target prompts and are only reconstructed "
+                  f"({', '.join(lone[:5])}{'...' if len(lone) > 5 else ''})")
         self.items = items
 
     def _loader(self) -> DataLoader:
