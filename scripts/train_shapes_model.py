@@ -283,7 +283,9 @@ def write_quality(args, timing: dict, t_start: float) -> dict:
     example = quality.pop("samples_example")
     from PIL import Image
 
-    Image.fromarray(np.concatenate(list(example), axis=1)).save(args.output.parent / "model_samples.png")
+    samples = REPO / "docs" / "shapes_samples.png"  # held-out prompts at CFG 7.5, for the README
+    samples.parent.mkdir(exist_ok=True)
+    Image.fromarray(np.concatenate(list(example), axis=1)).resize((16 * 32 * 4, 32 * 4), Image.Resampling.NEAREST).save(samples)
     path = args.output / "quality.json"
     previous = json.loads(path.read_text()) if args.eval_only and path.exists() else {}
     training = {k: previous[k] for k in ("vae_minutes", "unet_minutes", "threads", "args") if k in previous}

@@ -101,3 +101,43 @@ def test_bundled_example_is_the_default():
     dm = InversionData()
     dm.setup()
     assert len(dm.items) >= 1 and all(i.target_prompts for i in dm.items)
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_pie_bench_mapping_file_is_read_with_markers_stripped_and_masks():
+    from diffinv.data import pie_bench_mask
+
+    dm = InversionData(pie_bench=str(FIXTURES / "pie_bench"))
+    dm.setup()
+    first, second = dm.items
+    assert first.id == "000000000000" and first.source_prompt == "a cat sitting on a wooden chair"
+    assert first.target_prompts == ["a dog sitting on a wooden chair"]
+    assert second.target_prompts == ["a slanted rusty mountain bicycle on the road"]
+    assert first.meta["editing_type_id"] == "1" and first.meta["blended_word"] == "cat dog"
+    mask = pie_bench_mask(first.meta["mask_rle"])
+    assert mask.shape == (512, 512) and mask[200:250, 100:200].all() and not mask[300, 300]
+    assert mask[0].all() and mask[:, -1].all()  # the border is set, as the benchmark's decoder does
+    assert mask.sum() == 50 * 100 + 4 * 511
+    limited = InversionData(pie_bench=str(FIXTURES / "pie_bench"), limit=1)
+    limited.setup()
+    assert len(limited.items) == 1
+
+
+def test_coco_captions_first_caption_seeded_draw():
+    dm = InversionData(coco_captions=str(FIXTURES / "coco/captions_val2017.json"))
+    dm.setup()
+    assert [i.id for i in dm.items] == ["coco-139", "coco-285", "coco-632"]
+    assert dm.items[0].source_prompt == "A room with chairs, a table, and a woman in it."  # lowest annotation id
+    draw = lambda seed: [i.id for i in (lambda d: (d.setup(), d.items)[1])(  # noqa: E731
+        InversionData(coco_captions=str(FIXTURES / "coco/captions_val2017.json"), limit=2, seed=seed))]
+    assert draw(0) == draw(0) and len(draw(0)) == 2
+
+
+def test_benchmark_sources_fail_clearly(tmp_path):
+    with pytest.raises(DiffinvError, match="no PIE-Bench mapping file"):
+        InversionData(pie_bench=str(tmp_path)).setup()
+    (tmp_path / "captions.json").write_text('{"images": []}')
+    with pytest.raises(DiffinvError, match="is not a COCO captions file"):
+        InversionData(coco_captions=str(tmp_path / "captions.json")).setup()

@@ -36,6 +36,8 @@ class Item:
     square: bool = False
     inversion: Path | None = None
     """A saved Inversion record to edit instead of inverting ``image`` again."""
+    meta: dict = field(default_factory=dict)
+    """Dataset annotations carried along (PIE-Bench: editing_type_id, blended_word, mask RLE, ...)."""
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -153,6 +155,76 @@ def record_rows(path: str | Path, target_prompts: list[str]) -> list[dict]:
     return rows
 
 
+_EDIT_MARKERS = re.compile(r"[\[\]]")
+
+
+def pie_bench_mask(rle: list[int], shape: tuple[int, int] = (512, 512)) -> np.ndarray:
+    """PIE-Bench's edit mask (True = edited region) from its run-length pairs (start, length) over the flattened
+    512x512 image; the one-pixel border is set, as the benchmark's own decoder does against annotation errors."""
+    flat = np.zeros(shape[0] * shape[1], dtype=bool)
+    for start, length in zip(rle[0::2], rle[1::2]):
+        flat[start : start + length] = True
+    mask = flat.reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
+
+
+def pie_bench_rows(root: str | Path) -> list[dict]:
+    """Rows of PIE-Bench (``root/mapping_file.json`` + ``root/annotation_images/``): the source prompt is
+    ``original_prompt``, the single target is ``editing_prompt`` with its ``[ ]`` markers stripped."""
+    root = Path(root)
+    mapping = root / "mapping_file.json"
+    if not mapping.is_file():
+        raise DiffinvError(f"no PIE-Bench mapping file at {mapping} (expected <root>/mapping_file.json and "
+                           "<root>/annotation_images/)")
+    try:
+        entries = json.loads(mapping.read_text())
+    except json.JSONDecodeError as e:
+        raise DiffinvError(f"{mapping} is not valid JSON ({e.msg})") from None
+    rows = []
+    for key, e in sorted(entries.items()):
+        try:
+            rows.append({
+                "image": root / "annotation_images" / e["image_path"],
+                "source_prompt": _EDIT_MARKERS.sub("", e["original_prompt"]).strip(),
+                "target_prompts": [" ".join(_EDIT_MARKERS.sub("", e["editing_prompt"]).split())],
+                "id": key,
+                "where": f"{mapping}:{key}",
+                "meta": {"editing_type_id": str(e.get("editing_type_id", "")), "blended_word": e.get("blended_word", ""),
+                         "editing_instruction": e.get("editing_instruction", ""), "mask_rle": e.get("mask", [])},
+            })
+        except (KeyError, TypeError) as err:
+            raise DiffinvError(f"{mapping}: entry {key} lacks {err}") from None
+    return rows
+
+
+def coco_rows(captions: str | Path, images: str | Path | None, count: int | None, seed: int) -> list[dict]:
+    """Rows of COCO captions (``captions_val*.json``): ``count`` random images (seeded; all if None), each with
+    its first caption (lowest annotation id) as source prompt. ``images``: the image folder (default: beside the
+    captions file, ``val2017``/``val2014`` by the file's name)."""
+    captions = Path(captions)
+    if not captions.is_file():
+        raise DiffinvError(f"COCO captions file {captions} does not exist")
+    try:
+        data = json.loads(captions.read_text())
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        first: dict[int, tuple[int, str]] = {}
+        for a in data["annotations"]:
+            if a["image_id"] not in first or a["id"] < first[a["image_id"]][0]:
+                first[a["image_id"]] = (a["id"], a["caption"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DiffinvError(f"{captions} is not a COCO captions file ({e})") from None
+    if images is None:
+        split = "val2014" if "2014" in captions.name else "val2017"
+        images = captions.parent / split
+    ids = sorted(i for i in files if i in first)
+    if count is not None:
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=min(count, len(ids)), replace=False).tolist())
+    return [{"image": Path(images) / files[i], "source_prompt": " ".join(first[i][1].split()), "target_prompts": [],
+             "id": f"coco-{i}", "where": f"{captions}:image {i}"} for i in ids]
+
+
 def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[Item]:
     items, seen = [], set()
     for row in rows:
@@ -176,7 +248,8 @@ def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[
             image = row["record"].source_image.permute(1, 2, 0).numpy()
             items.append(Item(uid, image, source, targets, inversion=Path(row["inversion"])))
         else:
-            items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square))
+            items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square,
+                              meta=row.get("meta", {})))
     return items
 
 
@@ -196,6 +269,11 @@ class InversionData(L.LightningDataModule):
         resolution: int | None = None,
         square: bool = False,
         records: str | None = None,
+        pie_bench: str | None = None,
+        coco_captions: str | None = None,
+        coco_images: str | None = None,
+        limit: int | None = None,
+        seed: int = 0,
         batch_size: int = 1,
         output_dir: str | None = None,
     ):
@@ -211,12 +289,21 @@ class InversionData(L.LightningDataModule):
             square: Centre-crop images to a square first (the NPI paper's COCO protocol).
             records: Edit saved inversions instead of inverting: a record file or the --output_dir of an earlier
                 run (its <id>/inversion.safetensors); targets from --data.target_prompts, else the saved ones.
+            pie_bench: PIE-Bench's folder (mapping_file.json + annotation_images/): 700 images, one edit each.
+            coco_captions: A COCO captions_val*.json: reconstruction of its images with their first caption (the NPI
+                paper's protocol: --data.limit 100 --data.square true --data.resolution 512).
+            coco_images: COCO's image folder (default: val2017 or val2014 beside the captions file).
+            limit: Use this many items (PIE-Bench: the first ones; COCO: a random draw seeded by ``seed``).
+            seed: Seed of the COCO draw.
             batch_size: Images inverted together in one step.
             output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
         """
         super().__init__()
-        if sum(x is not None for x in (image, manifest, records)) > 1:
-            raise DiffinvError("give one of --data.image (with --data.source_prompt), --data.manifest or --data.records")
+        if sum(x is not None for x in (image, manifest, records, pie_bench, coco_captions)) > 1:
+            raise DiffinvError("give one of --data.image (with --data.source_prompt), --data.manifest, --data.records, "
+                               "--data.pie_bench or --data.coco_captions")
+        if limit is not None and limit < 1:
+            raise DiffinvError(f"limit must be >= 1, got {limit}")
         if image is None and records is None and (source_prompt is not None or target_prompts):
             raise DiffinvError("--data.source_prompt/--data.target_prompts need --data.image")
         if image is not None and source_prompt is None:
@@ -227,11 +314,17 @@ class InversionData(L.LightningDataModule):
             raise DiffinvError(f"resolution must be positive, got {resolution}")
         self.image, self.source_prompt, self.target_prompts = image, source_prompt, list(target_prompts or [])
         self.manifest, self.resolution, self.square, self.records = manifest, resolution, square, records
+        self.pie_bench, self.coco_captions, self.coco_images = pie_bench, coco_captions, coco_images
+        self.limit, self.seed = limit, seed
         self.batch_size, self.output_dir = batch_size, output_dir
         self.items: list[Item] | None = None
         self.skipped: list[str] = []
 
     def rows(self) -> list[dict]:
+        if self.pie_bench is not None:
+            return pie_bench_rows(self.pie_bench)[: self.limit]
+        if self.coco_captions is not None:
+            return coco_rows(self.coco_captions, self.coco_images, self.limit, self.seed)
         if self.records is not None:
             return record_rows(self.records, self.target_prompts)
         if self.image is not None:
