@@ -15,6 +15,7 @@ run never leaves a half-written item that looks finished; finished items are ski
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .data import DONE_MARKER
@@ -89,10 +91,48 @@ def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: 
         shutil.rmtree(final)
     os.replace(tmp, final)
     with open(output_dir / "metrics.jsonl", "a") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_EX)  # several processes (DDP) append to one file: one item's lines at a time
+        try:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
     return lines
+
+
+def reconcile_metrics(output_dir: Path) -> int:
+    """Make ``metrics.jsonl`` hold exactly the lines of the finished items (those with their record), in their
+    order of completion: lines of items a killed run left unfinished are dropped, lines a kill cut off between
+    an item's rename and its append are restored from the item's ``metrics.json``. Rewritten atomically.
+    Returns the number of lines restored."""
+    output_dir = Path(output_dir)
+    index = output_dir / "metrics.jsonl"
+    finished = {p.parent.name for p in output_dir.glob(f"*/{DONE_MARKER}")}
+    if not finished and not index.exists():
+        return 0
+    kept, seen = [], set()
+    if index.exists():
+        for raw in index.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if line.get("id") in finished:
+                kept.append(line)
+                seen.add(line["id"])
+    restored = 0
+    for item in sorted(finished - seen):
+        try:
+            lines = json.loads((output_dir / item / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        kept += lines
+        restored += len(lines)
+    tmp = output_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+    os.replace(tmp, index)
+    return restored
 
 
 class InversionWriter(BasePredictionWriter):
@@ -122,5 +162,6 @@ class InversionWriter(BasePredictionWriter):
         self.on_predict_end(trainer, pl_module)
 
     def on_predict_end(self, trainer, pl_module):
+        written = int(trainer.strategy.reduce(torch.tensor(float(self.written)), reduce_op="sum"))
         if trainer.is_global_zero:
-            print(f"diffinv: wrote {self.written} item(s) to {self.output_dir} (metrics in {self.output_dir / 'metrics.jsonl'})")
+            print(f"diffinv: wrote {written} item(s) to {self.output_dir} (metrics in {self.output_dir / 'metrics.jsonl'})")

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .errors import DiffinvError
 
@@ -253,8 +253,38 @@ def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[
     return items
 
 
-def collate(items: list[Item]) -> list[Item]:
-    return items
+def collate(items: list[Item | None]) -> list[Item]:
+    return [i for i in items if i is not None]
+
+
+class ItemList(torch.utils.data.Dataset):
+    """The items; index -1 is "no item" (a padding slot of :class:`ShardSampler`)."""
+
+    def __init__(self, items: list[Item]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Item | None:
+        return None if index < 0 else self.items[index]
+
+
+class ShardSampler(DistributedSampler):
+    """Process r of R takes items r, r + R, ...: every item exactly once (Lightning's training sampler pads with
+    repeated items, which two processes would then both write). Shards are filled up to equal length with
+    "no item" slots, so every process runs the same number of steps (DDP's collectives stay in step)."""
+
+    def __init__(self, dataset: ItemList, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = -(-len(dataset) // num_replicas)
+
+    def __iter__(self):
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(own + [-1] * (self.num_samples - len(own)))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class InversionData(L.LightningDataModule):
@@ -332,6 +362,16 @@ class InversionData(L.LightningDataModule):
                      "target_prompts": self.target_prompts}]
         return read_manifest(self.manifest or EXAMPLES)
 
+    def prepare_data(self) -> None:
+        """Once, before the processes start: make OUTPUT_DIR/metrics.jsonl agree with the finished items (a run
+        killed part-way leaves it one item behind or ahead)."""
+        if self.output_dir is not None and Path(self.output_dir).is_dir():
+            from .callbacks import reconcile_metrics
+
+            restored = reconcile_metrics(Path(self.output_dir))
+            if restored:
+                print(f"diffinv: restored {restored} line(s) of metrics.jsonl from finished items in {self.output_dir}")
+
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
             return
@@ -350,7 +390,10 @@ class InversionData(L.LightningDataModule):
         self.items = items
 
     def _loader(self) -> DataLoader:
-        return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+        data, sampler = ItemList(self.items), None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = ShardSampler(data, torch.distributed.get_world_size(), torch.distributed.get_rank())
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False, sampler=sampler, collate_fn=collate)
 
     predict_dataloader = _loader
     train_dataloader = _loader

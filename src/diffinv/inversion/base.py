@@ -265,7 +265,8 @@ class InversionMethod(L.LightningModule):
         return inv
 
     def run_batch(self, batch: list[Item]) -> list[ItemResult]:
-        """Group a batch by image size (and saved vs new inversions), run each group, keep the batch order."""
+        """Group a batch by image size (and saved vs new inversions), run each group, keep the batch order.
+        An empty batch (a padding step of a distributed run) does nothing."""
         groups: dict[tuple, tuple[list[Item], list]] = {}
         for item in batch:
             if item.inversion is not None:
@@ -303,6 +304,10 @@ class OptimizingInversion(InversionMethod):
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         self.automatic_optimization = False
         self.last_results: list[ItemResult] = []
+        # The per-image parameters live only during their batch. DDP refuses a module without a trainable
+        # parameter, so there is this one; it is never used: gradients come from torch.autograd.grad on the
+        # per-image tensors, so DDP never all-reduces anything (each process optimises its own images).
+        self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
 
     def unconditional(self, inversion: Inversion) -> Tensor:
         if inversion.unconditional is not None:
@@ -311,7 +316,8 @@ class OptimizingInversion(InversionMethod):
 
     def training_step(self, batch: list[Item], batch_idx: int):
         self.last_results = self.run_batch(batch)
-        self.log_results(self.last_results)
+        if self.last_results:
+            self.log_results(self.last_results)
         return None
 
     def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
