@@ -60,6 +60,9 @@ def write_manifest(tmp_path, rows):
 def test_manifest_paths_are_relative_to_its_folder_and_ids_unique(tmp_path, capsys):
     m = write_manifest(tmp_path, [{"image": "a.png", "source_prompt": "x", "target_prompts": ["y"]},
                                   {"image": "a.png", "source_prompt": "x"}])
+    first = InversionData(manifest=str(m), limit=1)
+    first.setup()
+    assert [i.id for i in first.items] == ["a"]
     dm = InversionData(manifest=str(m))
     dm.setup()
     assert "1 item(s) have no target prompts and are only reconstructed (a-2)" in capsys.readouterr().out

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .data import DONE_MARKER
 from .inversion.base import ItemResult
-from .metrics import psnr, ssim
+from .metrics import clip_score, lpips, masked, mse, psnr, ssim
 
 
 def save_png(image, path: Path) -> None:
@@ -42,7 +44,45 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "nan")
 
 
-def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: float) -> list[dict]:
+@dataclass
+class MetricSettings:
+    """Optional metrics of the writer (PSNR, SSIM and MSE are always computed)."""
+
+    lpips: tuple[str, ...] = ()
+    clip_model: str | None = None
+
+
+def _edit_mask(r: ItemResult, shape: tuple[int, int]) -> torch.Tensor | None:
+    rle = r.meta.get("mask_rle")
+    if not rle:
+        return None
+    from .data import pie_bench_mask
+
+    mask = torch.from_numpy(pie_bench_mask(rle)).float()[None, None]
+    return torch.nn.functional.interpolate(mask, size=shape, mode="nearest")[0, 0] > 0.5
+
+
+def image_metrics(img, r: ItemResult, prompt: str, settings: MetricSettings) -> dict:
+    out = {"psnr": _finite(psnr(img, r.source)), "ssim": ssim(img, r.source), "mse": mse(img, r.source)}
+    for net in settings.lpips:
+        out[f"lpips_{net}"] = lpips(img, r.source, net)
+    if settings.clip_model:
+        out["clip_score"] = clip_score(img, prompt, settings.clip_model)
+    edit_mask = _edit_mask(r, tuple(img.shape[-2:]))
+    if edit_mask is not None:
+        keep = ~edit_mask
+        a, b = masked(img, keep), masked(r.source, keep)
+        out |= {"psnr_unedited": _finite(psnr(a, b)), "ssim_unedited": ssim(a, b), "mse_unedited": mse(a, b)}
+        for net in settings.lpips:
+            out[f"lpips_{net}_unedited"] = lpips(a, b, net)
+        if settings.clip_model:
+            out["clip_score_edited"] = clip_score(masked(img, edit_mask), prompt, settings.clip_model)
+    return out
+
+
+def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: float,
+                 settings: MetricSettings | None = None) -> list[dict]:
+    settings = settings or MetricSettings()
     n = 1 + len(r.edits)
     seconds = r.seconds_inversion + r.seconds_sampling
     lines = []
@@ -58,8 +98,7 @@ def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: f
             "kind": "reconstruction" if target is None else "edit",
             "source_prompt": r.inversion.source_prompt,
             "target_prompt": target,
-            "psnr": _finite(psnr(img, r.source)),
-            "ssim": ssim(img, r.source),
+            **image_metrics(img, r, target or r.inversion.source_prompt, settings),
             "seconds": seconds,
             "seconds_inversion": r.seconds_inversion,
             "seconds_sampling": r.seconds_sampling,
@@ -69,11 +108,13 @@ def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: f
             "image_size": list(img.shape[-2:]),
             "image_path": f"{r.id}/{name}",
             **r.extra,
+            **{k: v for k, v in r.meta.items() if k != "mask_rle"},
         })
     return lines
 
 
-def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: int, guidance: float) -> list[dict]:
+def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: int, guidance: float,
+               settings: MetricSettings | None = None) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / r.id
     tmp = output_dir / f".{r.id}.partial"
@@ -84,7 +125,7 @@ def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: 
     save_png(r.reconstruction, tmp / "reconstruction.png")
     for k, e in enumerate(r.edits):
         save_png(e, tmp / f"edit-{k}.png")
-    lines = metric_lines(r, method, model, steps, guidance)
+    lines = metric_lines(r, method, model, steps, guidance, settings)
     (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
     r.inversion.save(tmp / DONE_MARKER)
     if final.exists():  # an unfinished folder from an interrupted run (finished ones were skipped)
@@ -138,19 +179,24 @@ def reconcile_metrics(output_dir: Path) -> int:
 class InversionWriter(BasePredictionWriter):
     """Writes every predicted item under ``output_dir`` (see the module docstring for the layout)."""
 
-    def __init__(self, output_dir: str = "outputs"):
+    def __init__(self, output_dir: str = "outputs", lpips: list[Literal["alex", "vgg"]] | None = None,
+                 clip_model: str | None = None):
         """
         Args:
             output_dir: Set by the CLI's --output_dir.
+            lpips: LPIPS variants to compute ('alex', 'vgg'); "unavailable" where torchvision or the weights are
+                missing.
+            clip_model: A CLIP model (hub id in the local cache, or folder) for CLIP score; none: no CLIP score.
         """
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.settings = MetricSettings(tuple(lpips or ()), clip_model)
         self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for r in prediction:
             write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
-                       pl_module.num_inference_steps, pl_module.guidance_scale)
+                       pl_module.num_inference_steps, pl_module.guidance_scale, self.settings)
             self.written += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -56,7 +56,17 @@ class _NoAdverts(logging.Filter):
 
 
 def main(args: list[str] | None = None) -> None:
+    """``diffinv fit|predict ...`` (LightningCLI) or ``diffinv bench -c configs/bench_*.yaml``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        try:
+            return bench_main(argv[1:])
+        except DiffinvError as e:
+            print(f"diffinv: error: {e}", file=sys.stderr)
+            sys.exit(2)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
     warnings.formatwarning = _one_line_warning
     for pattern in _QUIET:

@@ -323,7 +323,7 @@ class InversionData(L.LightningDataModule):
             coco_captions: A COCO captions_val*.json: reconstruction of its images with their first caption (the NPI
                 paper's protocol: --data.limit 100 --data.square true --data.resolution 512).
             coco_images: COCO's image folder (default: val2017 or val2014 beside the captions file).
-            limit: Use this many items (PIE-Bench: the first ones; COCO: a random draw seeded by ``seed``).
+            limit: Use this many items: the first ones (COCO: a random draw seeded by ``seed``).
             seed: Seed of the COCO draw.
             batch_size: Images inverted together in one step.
             output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
@@ -351,16 +351,19 @@ class InversionData(L.LightningDataModule):
         self.skipped: list[str] = []
 
     def rows(self) -> list[dict]:
-        if self.pie_bench is not None:
-            return pie_bench_rows(self.pie_bench)[: self.limit]
+        """The items' rows; ``limit`` keeps the first ones (COCO: a seeded random draw)."""
         if self.coco_captions is not None:
             return coco_rows(self.coco_captions, self.coco_images, self.limit, self.seed)
-        if self.records is not None:
-            return record_rows(self.records, self.target_prompts)
-        if self.image is not None:
-            return [{"image": Path(self.image).expanduser(), "source_prompt": self.source_prompt,
+        if self.pie_bench is not None:
+            rows = pie_bench_rows(self.pie_bench)
+        elif self.records is not None:
+            rows = record_rows(self.records, self.target_prompts)
+        elif self.image is not None:
+            rows = [{"image": Path(self.image).expanduser(), "source_prompt": self.source_prompt,
                      "target_prompts": self.target_prompts}]
-        return read_manifest(self.manifest or EXAMPLES)
+        else:
+            rows = read_manifest(self.manifest or EXAMPLES)
+        return rows[: self.limit]
 
     def prepare_data(self) -> None:
         """Once, before the processes start: make OUTPUT_DIR/metrics.jsonl agree with the finished items (a run

@@ -41,6 +41,8 @@ class ItemResult:
     seconds_inversion: float
     seconds_sampling: float
     extra: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    """The item's dataset annotations (e.g. PIE-Bench's edit mask), for the writer."""
 
 
 def _sync(device: torch.device) -> None:
@@ -253,6 +255,7 @@ class InversionMethod(L.LightningModule):
                 seconds_inversion=(t1 - t0) / len(items),
                 seconds_sampling=(t2 - t1) / len(items),
                 extra=optimization_summary(inv),
+                meta=item.meta,
             ))
             start += count
         return results

@@ -1,0 +1,235 @@
+"""``diffinv bench -c configs/bench_*.yaml``: run several diffinv configs over one dataset, then tables and plots.
+
+Each run is a real ``diffinv fit`` or ``diffinv predict`` (whichever its method needs) in its own process, writing
+to ``OUTPUT_DIR/<label>/steps-<N>/``, so DDP (``--args '[--trainer.strategy, ddp, --trainer.devices, 2]'``) and
+resuming (finished items are skipped) work per run exactly as for a single run. Then every run's
+``metrics.jsonl`` is aggregated:
+
+* ``results.csv``: one row per run and metric: mean, 95% confidence half-width (1.96 s / sqrt(n), normal
+  approximation), n (finite values), and how many values were not finite (never averaged silently);
+* ``results.md``: the table (mean ± CI), "unavailable" for metrics that could not be computed;
+* ``<metric>.png``: bars per method (one step count) or lines over the step counts (a sweep);
+* ``tensorboard/``: the same means as scalars (``<table>/<metric>/<label>`` at step = N).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import DiffinvError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TABLE_METRICS = {
+    "reconstruction": ["psnr", "ssim", "mse", "lpips_alex", "lpips_vgg", "seconds"],
+    "editing": ["shapes_edit_accuracy", "shapes_others_kept", "clip_score", "psnr", "ssim", "lpips_alex", "lpips_vgg",
+                "psnr_unedited", "ssim_unedited", "lpips_alex_unedited", "clip_score_edited", "seconds"],
+}
+
+
+@dataclass
+class Run:
+    """One method of a benchmark."""
+
+    label: str
+    """Name in tables and plots."""
+    config: str
+    """A diffinv config: a path, or a file name in the repository's configs/."""
+    args: list[str] = field(default_factory=list)
+    """Extra command-line options for this run."""
+
+
+def _config_path(config: str) -> Path:
+    path = Path(config)
+    if path.is_file():
+        return path
+    if (REPO_CONFIGS / config).is_file():
+        return REPO_CONFIGS / config
+    raise DiffinvError(f"benchmark run config {config} not found (neither a file nor in {REPO_CONFIGS})")
+
+
+def _subcommand(config: Path) -> str:
+    import importlib
+
+    import yaml
+
+    from .inversion.base import OptimizingInversion
+
+    try:
+        path = yaml.safe_load(config.read_text())["model"]["class_path"]
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as e:  # noqa: BLE001
+        raise DiffinvError(f"{config}: cannot read its model class ({e})") from None
+    return "fit" if issubclass(cls, OptimizingInversion) else "predict"
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, int, int]:
+    """(mean, 95% half-width, n finite, n not finite)."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    bad = len(values) - len(finite)
+    if not finite:
+        return float("nan"), float("nan"), 0, bad
+    m = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return m, float("nan"), len(finite), bad
+    sd = math.sqrt(sum((v - m) ** 2 for v in finite) / (len(finite) - 1))
+    return m, 1.96 * sd / math.sqrt(len(finite)), len(finite), bad
+
+
+def shapes_edit_scores(line: dict, run_dir: Path) -> dict:
+    """On the shapes world, the attribute classifier's verdict on an edit: the attributes the target prompt
+    changed are read back (edit accuracy), the others unchanged (kept). Empty for other prompts."""
+    from .shapes.world import parse_caption
+
+    try:
+        source, target = parse_caption(line["source_prompt"]), parse_caption(line["target_prompt"])
+    except (ValueError, TypeError):
+        return {}
+    import numpy as np
+    from PIL import Image
+
+    from .shapes.classifier import classify
+
+    read = classify(np.asarray(Image.open(run_dir / line["image_path"]).convert("RGB")))
+    changed = [k for k in target if target[k] != source[k]]
+    return {"shapes_edit_accuracy": float(all(read[k] == target[k] for k in changed)),
+            "shapes_others_kept": float(all(read[k] == target[k] for k in target if k not in changed))}
+
+
+def aggregate(output_dir: Path, runs: list[Run], steps: list[int | None], table: str) -> list[dict]:
+    kind = "reconstruction" if table == "reconstruction" else "edit"
+    rows = []
+    for run in runs:
+        for n in steps:
+            run_dir = output_dir / run.label / f"steps-{n or 'default'}"
+            index = run_dir / "metrics.jsonl"
+            if not index.is_file():
+                continue
+            lines = [json.loads(x) for x in index.read_text().splitlines() if x.strip()]
+            lines = [x | shapes_edit_scores(x, run_dir) if kind == "edit" else x for x in lines if x["kind"] == kind]
+            for metric in TABLE_METRICS[table]:
+                values = [x.get(metric) for x in lines if metric in x]
+                if not values:
+                    continue
+                numbers = [float(v) if v != "inf" else math.inf for v in values if v != "unavailable"]
+                m, ci, count, bad = mean_ci(numbers)
+                rows.append({"label": run.label, "steps": n if n is not None else lines[0]["num_inference_steps"],
+                             "metric": metric, "mean": m, "ci95": ci, "n": count, "not_finite": bad,
+                             "unavailable": len(values) - len(numbers)})
+    return rows
+
+
+def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["label", "steps", "metric", "mean", "ci95", "n", "not_finite", "unavailable"])
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = [m for m in TABLE_METRICS[table] if any(r["metric"] == m for r in rows)]
+    keys = list(dict.fromkeys((r["label"], r["steps"]) for r in rows))
+    cell = {(r["label"], r["steps"], r["metric"]): r for r in rows}
+
+    def fmt(r: dict | None) -> str:
+        if r is None:
+            return ""
+        if r["n"] == 0:
+            return "unavailable" if r["unavailable"] else "n/a"
+        text = f"{r['mean']:.3f}" + ("" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.3f}")
+        return text + (f" ({r['not_finite']} not finite)" if r["not_finite"] else "")
+
+    lines = ["| method | steps | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    for label, n in keys:
+        count = max(cell[(label, n, m)]["n"] + cell[(label, n, m)]["unavailable"] for m in metrics if (label, n, m) in cell)
+        lines.append(f"| {label} | {n} | {count} | " + " | ".join(fmt(cell.get((label, n, m))) for m in metrics) + " |")
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for label, _ in keys))
+    sweep = len({n for _, n in keys}) > 1
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, label in enumerate(labels):
+            pts = sorted((n, cell[(label, n, metric)]) for l2, n in keys if l2 == label and (label, n, metric) in cell)
+            pts = [(n, r) for n, r in pts if r["n"]]
+            if not pts:
+                continue
+            xs, ys = [n for n, _ in pts], [r["mean"] for _, r in pts]
+            err = [0 if math.isnan(r["ci95"]) else r["ci95"] for _, r in pts]
+            if sweep:
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            else:
+                ax.bar(i, ys[0], yerr=err[0], capsize=3, label=label)
+        if sweep:
+            ax.set_xlabel("sampling steps")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted({n for _, n in keys}))
+            ax.set_xticklabels([str(n) for n in sorted({n for _, n in keys})])
+        else:
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=20)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{table}: {metric} (mean ± 95% CI)")
+        if sweep:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / f"{metric}.png", dpi=100)
+        plt.close(fig)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(output_dir / "tensorboard")) as tb:
+        for r in rows:
+            if r["n"]:
+                tb.add_scalar(f"{table}/{r['metric']}/{r['label']}", r["mean"], r["steps"])
+
+
+def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
+              table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None) -> list[dict]:
+    """Run every (run, step count), then aggregate (see the module docstring)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(run, n) for run in runs for n in (steps or [None])]
+    started = time.perf_counter()
+    for k, (run, n) in enumerate(plan):
+        config = _config_path(run.config)
+        run_dir = out / run.label / f"steps-{n or 'default'}"
+        cmd = [sys.executable, "-m", "diffinv.cli", _subcommand(config), "-c", str(config), "--output_dir", str(run_dir),
+               *(["--model.num_inference_steps", str(n)] if n else []), *(args or []), *run.args]
+        elapsed = time.perf_counter() - started
+        eta = f", about {elapsed / k * (len(plan) - k):.0f} s left" if k else ""
+        print(f"diffinv bench: [{k + 1}/{len(plan)}] {run.label}" + (f", {n} steps" if n else "") +
+              f" ({elapsed:.0f} s elapsed{eta})", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise DiffinvError(f"benchmark run {run.label!r}" + (f" at {n} steps" if n else "") +
+                               f" failed (exit {proc.returncode}); its command: {' '.join(cmd)}")
+    rows = aggregate(out, runs, steps or [None], table)
+    if not rows:
+        raise DiffinvError(f"no results to aggregate in {out}")
+    write_reports(out, rows, table)
+    print((out / "results.md").read_text())
+    print(f"diffinv bench: wrote {out / 'results.csv'}, {out / 'results.md'}, plots and {out / 'tensorboard'}")
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="diffinv bench", description="Run a benchmark config: several diffinv runs, one table.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="A configs/bench_*.yaml.")
+    parser.add_function_arguments(run_bench, as_positional=False)
+    cfg = parser.parse_args(argv)
+    cfg.pop("config", None)
+    init = parser.instantiate_classes(cfg)
+    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args")})
