@@ -166,3 +166,15 @@ def test_mismatched_replace_prompts_fail_before_anything_is_written(tiny_model_d
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "source 'a red car' has 3 words, target 'a big blue car' has 4" in proc.stderr
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_progress_bar_reports_images_per_second(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffinv.cli", "predict", "-c", str(REPO / "configs/npi.yaml"),
+         "--model.backbone.pretrained", str(tiny_model_dir), "--model.num_inference_steps", "2",
+         "--data.batch_size", "2", "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0
+    shown = proc.stdout + proc.stderr
+    assert "images=3" in shown and "images/s=" in shown and "<00:00" in shown  # done, rate, ETA

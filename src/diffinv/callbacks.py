@@ -20,13 +20,14 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from .data import DONE_MARKER
 from .inversion.base import ItemResult
@@ -211,3 +212,48 @@ class InversionWriter(BasePredictionWriter):
         written = int(trainer.strategy.reduce(torch.tensor(float(self.written)), reduce_op="sum"))
         if trainer.is_global_zero:
             print(f"diffinv: wrote {written} item(s) to {self.output_dir} (metrics in {self.output_dir / 'metrics.jsonl'})")
+
+
+class ItemProgressBar(TQDMProgressBar):
+    """Lightning's progress bar (batches, elapsed < remaining) with the images done and images per second of all
+    processes (this process's count times the number of processes)."""
+
+    def __init__(self, refresh_rate: int = 1):
+        """
+        Args:
+            refresh_rate: Update the bar every this many batches.
+        """
+        super().__init__(refresh_rate=refresh_rate)
+        self._done, self._start = 0, None
+
+    def _figures(self, trainer) -> dict:
+        if self._start is None:
+            return {}
+        done = self._done * trainer.world_size
+        return {"images": done, "images/s": f"{done / max(time.perf_counter() - self._start, 1e-9):.2f}"}
+
+    def _advance(self, trainer, bar, batch) -> None:
+        self._done += len(batch) if isinstance(batch, list) else 1
+        if bar is not None:
+            bar.set_postfix(self._figures(trainer), refresh=False)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics | self._figures(trainer)
+
+    def on_predict_start(self, trainer, pl_module):
+        super().on_predict_start(trainer, pl_module)
+        self._done, self._start = 0, time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._done, self._start = 0, time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._advance(trainer, self.predict_progress_bar, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._done += len(batch) if isinstance(batch, list) else 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # shows get_metrics

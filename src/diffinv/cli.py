@@ -13,7 +13,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import InversionWriter
+from .callbacks import InversionWriter, ItemProgressBar
 from .data import InversionData
 from .errors import DiffinvError
 from .inversion.base import InversionMethod
@@ -36,6 +36,7 @@ class DiffinvCLI(LightningCLI):
         parser.add_argument("--output_dir", type=str, default="outputs",
                             help="Folder for results: <id>/ PNGs and inversion records, metrics.jsonl.")
         parser.add_lightning_class_args(InversionWriter, "writer")
+        parser.add_lightning_class_args(ItemProgressBar, "progress")
         parser.link_arguments("output_dir", "writer.output_dir")
         parser.link_arguments("output_dir", "data.output_dir")
         parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
