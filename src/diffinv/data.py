@@ -288,7 +288,8 @@ class ShardSampler(DistributedSampler):
 
 
 class InversionData(L.LightningDataModule):
-    """Images and prompts to invert and edit: one from the command line, a manifest, or the bundled example."""
+    """Images and prompts to invert and edit: one from the command line, a manifest, saved inversion records,
+    PIE-Bench, COCO captions, or (given none) the bundled example."""
 
     def __init__(
         self,
