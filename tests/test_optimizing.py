@@ -94,3 +94,27 @@ def test_backbone_stays_out_of_checkpoints(bb):
     assert any(k.startswith("_backbone.") for k in ckpt["state_dict"])
     m.on_save_checkpoint(ckpt)
     assert not any(k.startswith("_backbone.") for k in ckpt["state_dict"])
+
+
+def test_sampling_with_the_learnt_embeddings_retraces_the_tracked_trajectory(bb):
+    """The embeddings are stored by level: sampling from z_T with them must land where the optimisation's own
+    trajectory ended (a reversed order lands elsewhere)."""
+    from diffinv.inversion.tracking import TrackingSchedule, track_trajectory
+
+    m = nti(bb, num_inner_steps=3)
+    it = item(0)
+    images = torch.stack([__import__("diffinv").data.image_tensor(m.fitted_image(it))])
+    schedule = m.backbone.schedule(STEPS)
+    cond = m.backbone.encode_prompts([it.source_prompt])
+    z0 = m.backbone.encode_image(images)
+    from diffinv.ddim import invert
+
+    with torch.no_grad():
+        traj = invert(lambda z, t: m.backbone.eps(z, t, cond), z0, schedule)
+    out = track_trajectory(m.backbone.eps, schedule, traj, cond, m.backbone.encode_prompts([""]), 7.5,
+                           TrackingSchedule(num_inner_steps=3))
+    from diffinv.editing.sampler import sample
+
+    with torch.no_grad():
+        z = sample(m.backbone, schedule, out["z_T"], cond, out["unconditional"].transpose(0, 1), 7.5)
+    torch.testing.assert_close(z, out["z_0"], atol=1e-4, rtol=0)

@@ -86,8 +86,10 @@ def track_trajectory(
         noise_bias: (B, C, h, w) start of latent-TOP's noise bias; None: no noise bias (NTI).
 
     Returns ``unconditional`` (B, N, L, D) with [:, k-1] the embedding of the step from level k, ``z_T``
-    (B, C, h, w) the start latent, ``step_loss`` (B, N) the loss after each step's optimisation, and
-    ``inner_iterations`` (B, N) the updates each image used at each step.
+    (B, C, h, w) the start latent, ``step_loss`` (B, N) the loss after each step's optimisation and
+    ``inner_iterations`` (B, N) the updates each image used at each step (both in optimisation order: [:, 0] is
+    the step from t = T), and ``z_0`` the end of the tracked trajectory (what sampling with these embeddings
+    reaches).
     """
     n, B = schedule.num_steps, cond.shape[0]
     dev = cond.device
@@ -100,7 +102,7 @@ def track_trajectory(
         a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
         target = trajectory[k - 1]
         with_bias = bias is not None and i == 0  # the noise bias only acts through the first step
-        emb.requires_grad_(True)
+        emb = emb.detach().clone().requires_grad_(True)  # warm start from u_{k+1}, in storage of its own
         params = [emb] + ([bias.requires_grad_(True)] if with_bias else [])
         states = [AdamState.zeros_like(p) for p in params]
         threshold = early_stop_threshold(i, settings.epsilon, settings.delta)
@@ -132,7 +134,7 @@ def track_trajectory(
             fresh = False
         # 4. Advance without grad: reuse the last evaluation when nothing moved since.
         with torch.no_grad():
-            emb = emb.detach()
+            emb = emb.detach()  # the masked Adam updated it in place; the next step works on a copy
             if with_bias:
                 bias = bias.detach()
                 z = trajectory[n] + bias
@@ -146,8 +148,10 @@ def track_trajectory(
         embs.append(emb)
         iterations.append(used)
     return {
-        "unconditional": torch.stack(embs, dim=1),
+        # optimised from t = T down; stored by level (index k-1 = the step from level k), as the sampler reads it
+        "unconditional": torch.stack(embs[::-1], dim=1),
         "z_T": trajectory[n] if bias is None else z_T,
         "step_loss": torch.stack(losses, dim=1),
         "inner_iterations": torch.stack(iterations, dim=1),
+        "z_0": z,
     }
