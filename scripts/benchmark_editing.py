@@ -53,7 +53,7 @@ EDITORS = {
     "none": lambda: None,
     "p2p": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4),
     "p2p+blend": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
-                                        local_blend_words=[*SHAPES, *COLOURS]),
+                                        local_blend_words=list(SHAPES)),  # the object's region
     "sdedit": lambda: SDEdit(strength=0.6),
 }
 

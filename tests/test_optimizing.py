@@ -118,3 +118,11 @@ def test_sampling_with_the_learnt_embeddings_retraces_the_tracked_trajectory(bb)
     with torch.no_grad():
         z = sample(m.backbone, schedule, out["z_T"], cond, out["unconditional"].transpose(0, 1), 7.5)
     torch.testing.assert_close(z, out["z_0"], atol=1e-4, rtol=0)
+
+
+def test_lr_schedule_is_the_reference_at_50_steps_and_positive_at_any_length():
+    from diffinv.inversion.tracking import TrackingSchedule
+
+    s = TrackingSchedule()
+    assert all(abs(s.lr_at(i, 50) - 1e-2 * (1 - i / 100)) < 1e-15 for i in range(50))
+    assert min(s.lr_at(i, 200) for i in range(200)) > 0.5e-2 - 1e-12

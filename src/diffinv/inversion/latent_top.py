@@ -81,7 +81,7 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         guidance_scale: float = 7.5,
         num_inner_steps: int = 10,
         lr: float = 1e-2,
-        lr_decay: float = 0.01,
+        lr_decay: float = 0.5,
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
         num_starts: int = 20,
@@ -97,8 +97,8 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             num_inference_steps: DDIM steps T (the paper: 50).
             guidance_scale: CFG scale G of the reconstruction (the paper: 7.5).
             num_inner_steps: Iterations m per timestep (the paper: 10).
-            lr: Adam learning rate at t = T, decayed as lr (1 - lr_decay i) at the i-th step (paper silent; NTI's).
-            lr_decay: See ``lr``.
+            lr: Adam learning rate at t = T (paper silent; NTI's 1e-2).
+            lr_decay: The lr falls linearly by this fraction over the run: lr (1 - lr_decay i / N) (NTI's 0.5).
             early_stop_epsilon: Stop an image's step-i iterations once its loss < epsilon + i delta (paper
                 silent; NTI's numbers; 0 and 0 disable early stopping).
             early_stop_delta: See ``early_stop_epsilon``.

@@ -31,7 +31,7 @@ class NullTextInversion(OptimizingInversion):
         guidance_scale: float = 7.5,
         num_inner_steps: int = 10,
         lr: float = 1e-2,
-        lr_decay: float = 0.01,
+        lr_decay: float = 0.5,
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
         init: Literal["null", "source"] = "null",
@@ -43,9 +43,9 @@ class NullTextInversion(OptimizingInversion):
             num_inference_steps: DDIM steps of inversion and sampling (the papers use 50).
             guidance_scale: CFG scale w the embeddings are optimised for (the papers use 7.5).
             num_inner_steps: Adam iterations per timestep at most (reference: 10).
-            lr: Adam learning rate at t = T; the i-th step (i = 0 at T) uses lr (1 - lr_decay i) (reference:
-                1e-2 and 0.01).
-            lr_decay: See ``lr``.
+            lr: Adam learning rate at t = T (reference: 1e-2).
+            lr_decay: The lr falls linearly by this fraction over the run: lr (1 - lr_decay i / N) at the i-th of N
+                steps (0.5 at 50 steps is the reference's 1e-2 (1 - i / 100), and stays positive at any N).
             early_stop_epsilon: An image stops iterating at step i once its loss < epsilon + i delta
                 (reference: 1e-5 and 2e-5).
             early_stop_delta: See ``early_stop_epsilon``.
