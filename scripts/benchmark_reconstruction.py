@@ -95,7 +95,7 @@ def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[l
             t = schedule.timesteps[k - 1]
             a_t, a_prev = schedule.alphas[k].float(), schedule.alphas[k - 1].float()
             uncond = uncond.clone().detach().requires_grad_(True)
-            opt = torch.optim.Adam([uncond], lr=s.lr_at(i, n))  # the reference's 1e-2 (1 - i/100) at 50 steps
+            opt = torch.optim.Adam([uncond], lr=s.lr_at(i))  # the reference's 1e-2 (1 - i/100) up to 50 steps
             with torch.no_grad():
                 eps_c = bb.eps(z, t, cond)
             for _ in range(s.num_inner_steps):

@@ -81,7 +81,8 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         guidance_scale: float = 7.5,
         num_inner_steps: int = 10,
         lr: float = 1e-2,
-        lr_decay: float = 0.5,
+        lr_decay: float = 0.01,
+        lr_floor: float = 0.5,
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
         num_starts: int = 20,
@@ -98,7 +99,8 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             guidance_scale: CFG scale G of the reconstruction (the paper: 7.5).
             num_inner_steps: Iterations m per timestep (the paper: 10).
             lr: Adam learning rate at t = T (paper silent; NTI's 1e-2).
-            lr_decay: The lr falls linearly by this fraction over the run: lr (1 - lr_decay i / N) (NTI's 0.5).
+            lr_decay: The i-th step uses lr max(lr_floor, 1 - lr_decay i) (NTI's numbers).
+            lr_floor: Lowest lr, as a fraction of ``lr``.
             early_stop_epsilon: Stop an image's step-i iterations once its loss < epsilon + i delta (paper
                 silent; NTI's numbers; 0 and 0 disable early stopping).
             early_stop_delta: See ``early_stop_epsilon``.
@@ -110,7 +112,7 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
-        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta)
+        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor)
         self.num_starts, self.hops = num_starts, hops
         self.text_init_std, self.noise_init_std, self.seed = text_init_std, noise_init_std, seed
 

@@ -31,7 +31,8 @@ class NullTextInversion(OptimizingInversion):
         guidance_scale: float = 7.5,
         num_inner_steps: int = 10,
         lr: float = 1e-2,
-        lr_decay: float = 0.5,
+        lr_decay: float = 0.01,
+        lr_floor: float = 0.5,
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
         init: Literal["null", "source"] = "null",
@@ -44,8 +45,9 @@ class NullTextInversion(OptimizingInversion):
             guidance_scale: CFG scale w the embeddings are optimised for (the papers use 7.5).
             num_inner_steps: Adam iterations per timestep at most (reference: 10).
             lr: Adam learning rate at t = T (reference: 1e-2).
-            lr_decay: The lr falls linearly by this fraction over the run: lr (1 - lr_decay i / N) at the i-th of N
-                steps (0.5 at 50 steps is the reference's 1e-2 (1 - i / 100), and stays positive at any N).
+            lr_decay: The i-th step (i = 0 at t = T) uses lr max(lr_floor, 1 - lr_decay i): the reference's
+                1e-2 (1 - i / 100) up to 50 steps.
+            lr_floor: Lowest lr, as a fraction of ``lr`` (the reference's formula would reach 0 at step 100).
             early_stop_epsilon: An image stops iterating at step i once its loss < epsilon + i delta
                 (reference: 1e-5 and 2e-5).
             early_stop_delta: See ``early_stop_epsilon``.
@@ -54,7 +56,7 @@ class NullTextInversion(OptimizingInversion):
             editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
-        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta)
+        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor)
         self.init = init
 
     def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:

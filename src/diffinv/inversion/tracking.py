@@ -29,15 +29,16 @@ class TrackingSchedule:
 
     num_inner_steps: int = 10
     lr: float = 1e-2
-    lr_decay: float = 0.5
+    lr_decay: float = 0.01
     epsilon: float = 1e-5
     delta: float = 2e-5
+    lr_floor: float = 0.5
 
-    def lr_at(self, i: int, num_steps: int) -> float:
-        """lr (1 - lr_decay i / N) at the i-th of N steps (i = 0 at t = T): a linear fall by the fraction
-        ``lr_decay`` over the run. With 0.5 and N = 50 this is the reference's 1e-2 (1 - i / 100); unlike that
-        formula it stays positive for any N (at 200 steps the reference's would reach 0 half-way)."""
-        return self.lr * (1 - self.lr_decay * i / num_steps)
+    def lr_at(self, i: int) -> float:
+        """lr max(lr_floor, 1 - lr_decay i) at the i-th step (i = 0 at t = T): the reference's 1e-2 (1 - i / 100)
+        wherever it is defined (up to 50 steps), held at half the lr beyond (the reference's formula reaches 0
+        half-way through 200 steps, and NTI then stops optimising)."""
+        return self.lr * max(self.lr_floor, 1 - self.lr_decay * i)
 
 
 class LaggedFlag:
@@ -108,7 +109,7 @@ def track_trajectory(
         params = [emb] + ([bias.requires_grad_(True)] if with_bias else [])
         states = [AdamState.zeros_like(p) for p in params]
         threshold = early_stop_threshold(i, settings.epsilon, settings.delta)
-        lr = settings.lr_at(i, n)
+        lr = settings.lr_at(i)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         used = torch.zeros(B, dtype=torch.long, device=dev)
         flag = LaggedFlag(dev)
