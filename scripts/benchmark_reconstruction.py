@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from diffinv import (  # noqa: E402
     NullTextInversion,
     ProximalNegativePromptInversion,
 )
+from diffinv.bench import mean_ci  # noqa: E402
 from diffinv.data import Item, image_tensor  # noqa: E402
 from diffinv.ddim import ddim_step, invert  # noqa: E402
 from diffinv.guidance import cfg  # noqa: E402
@@ -49,15 +49,6 @@ METHODS = {
 
 def held_out_items(n: int, seed: int) -> list[Item]:
     return [Item(f"scene-{i}", render(s), s.caption, [], resolution=32) for i, s in enumerate(sample_scenes(n, seed, "held_out"))]
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (normal approximation)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return m, 1.96 * sd / math.sqrt(len(values))
 
 
 def run_method(method, items: list[Item]) -> tuple[list[float], float, float]:
@@ -138,7 +129,7 @@ def main(argv=None) -> list[dict]:
                 scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n), items)
             else:
                 scores, seconds, iters = run_method(METHODS[name](bb, n), items)
-            m, ci = mean_ci(scores)
+            m, ci, _, _ = mean_ci(scores)
             rows.append({"steps": n, "method": name, "psnr": m, "psnr_ci95": ci, "seconds_per_image": seconds,
                          "inner_iterations_per_image": iters, "images": len(items)})
             print(f"{n:>3} steps  {name:<26} PSNR {m:6.2f} ± {ci:4.2f} dB   {seconds:7.3f} s/image"

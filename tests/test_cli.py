@@ -8,24 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from diffinv.bench import subcommand_for as subcommand
 from diffinv.cli import main
 from diffinv.inversion.record import Inversion
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def subcommand(config: Path) -> str:
-    """`fit` for optimizing methods, `predict` for the others, read off the config's model class."""
-    import importlib
-
-    import yaml
-
-    from diffinv.inversion.base import OptimizingInversion
-
-    path = yaml.safe_load(config.read_text())["model"]["class_path"]
-    module, name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    return "fit" if issubclass(cls, OptimizingInversion) else "predict"
 
 
 METHOD_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "class_path: diffinv.inversion." in p.read_text())
@@ -114,7 +101,7 @@ def test_bad_input_is_one_line_not_a_traceback(extra, message, tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert f"diffinv: error: " in proc.stderr and message in proc.stderr
+    assert "diffinv: error: " in proc.stderr and message in proc.stderr
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 

@@ -55,7 +55,8 @@ def _config_path(config: str) -> Path:
     raise DiffinvError(f"benchmark run config {config} not found (neither a file nor in {REPO_CONFIGS})")
 
 
-def _subcommand(config: Path) -> str:
+def subcommand_for(config: Path) -> str:
+    """`fit` for a config whose method optimises per image, `predict` for the others."""
     import importlib
 
     import yaml
@@ -204,7 +205,7 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
     for k, (run, n) in enumerate(plan):
         config = _config_path(run.config)
         run_dir = out / run.label / f"steps-{n or 'default'}"
-        cmd = [sys.executable, "-m", "diffinv.cli", _subcommand(config), "-c", str(config), "--output_dir", str(run_dir),
+        cmd = [sys.executable, "-m", "diffinv.cli", subcommand_for(config), "-c", str(config), "--output_dir", str(run_dir),
                *(["--model.num_inference_steps", str(n)] if n else []), *(args or []), *run.args]
         elapsed = time.perf_counter() - started
         eta = f", about {elapsed / k * (len(plan) - k):.0f} s left" if k else ""
