@@ -156,3 +156,48 @@ def test_sdedit_strength_sets_how_far_the_edit_goes(bb):
     assert err(weak) < err(strong)
     with pytest.raises(DiffinvError, match="strength"):
         SDEdit(strength=0.0)
+
+
+@pytest.mark.parametrize("control", [True, False, None])
+def test_unconditional_branch_of_targets_takes_the_source_s_attention_only_when_asked(bb, monkeypatch, control):
+    """DDIM inversion computes the source row's unconditional branch too: a target's unconditional self-attention
+    is its source's unconditional one inside the window (when control_unconditional), its own otherwise."""
+    from diffinv import DDIMInversion
+
+    seen = []
+    original = AttentionController.edit
+
+    def spy(self, probs, is_cross, heads):
+        out = original(self, probs, is_cross, heads)
+        if not is_cross:
+            p = out.view(-1, heads, *out.shape[1:])
+            seen.append((self.step, torch.equal(p[2], p[3]), torch.equal(p[0], p[1])))  # cond src, cond tgt, uncond..
+        return out
+
+    monkeypatch.setattr(AttentionController, "edit", spy)
+    m = DDIMInversion(bb, STEPS, editor=PromptToPrompt(self_replace_steps=1.0, cross_replace_steps=0.0,
+                                                        control_unconditional=control))
+    run(m, [item(0)])
+    assert seen and all(cond_same for _, _, cond_same in seen)
+    later = [uncond_same for step, uncond_same, _ in seen if step > 0]  # at step 0 both rows share z_T anyway
+    assert all(later) if control else not all(later)  # None: DDIM's negative is the null prompt, as the reference
+
+
+def test_npi_controls_the_unconditional_branch_by_default(bb):
+    from diffinv.editing.prompt_to_prompt import attention_control  # noqa: F401
+
+    m = method(bb, PromptToPrompt())
+    captured = {}
+    original = PromptToPrompt.controller
+
+    def capture(self, *a, **k):
+        c = original(self, *a, **k)
+        captured["c"] = c
+        return c
+
+    PromptToPrompt.controller = capture
+    try:
+        run(m, [item(0)])
+    finally:
+        PromptToPrompt.controller = original
+    assert captured["c"].control_unconditional is True

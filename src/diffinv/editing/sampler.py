@@ -60,6 +60,8 @@ def sample(
             raise ValueError("reconstruction guidance needs the source latents z0")
         if proximal.inversion_guidance and trajectory is None:
             raise ValueError("inversion guidance needs the inversion trajectory")
+    if controller is not None:
+        controller.set_unconditional_rows(need_u)
     z = z_T
     top = n if start_level is None else start_level
     for k in range(top, 0, -1):  # level k -> k-1

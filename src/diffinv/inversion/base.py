@@ -196,7 +196,8 @@ class InversionMethod(L.LightningModule):
             controller = self.editor.controller(
                 self.backbone.tokenizer, sources=[inversions[g].source_prompt for g, _, _ in rows],
                 targets=[t for _, _, t in rows], source_index=[first_row[g] for g, _, _ in rows], num_steps=n,
-                latent_hw=tuple(starts.shape[-2:])).to(dev)
+                latent_hw=tuple(starts.shape[-2:]),
+                negative_is_source=all(self.unconditional_is_source(inv) for inv in inversions)).to(dev)
             with attention_control(self.backbone.unet, controller):
                 latents = run(every, starts, controller=controller)
         else:
