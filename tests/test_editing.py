@@ -184,8 +184,6 @@ def test_unconditional_branch_of_targets_takes_the_source_s_attention_only_when_
 
 
 def test_npi_controls_the_unconditional_branch_by_default(bb):
-    from diffinv.editing.prompt_to_prompt import attention_control  # noqa: F401
-
     m = method(bb, PromptToPrompt())
     captured = {}
     original = PromptToPrompt.controller

@@ -45,3 +45,23 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path):
         Inversion.load(tmp_path / "other.safetensors")
     with pytest.raises(DiffinvError, match="does not exist"):
         Inversion.load(tmp_path / "none.safetensors")
+
+
+def test_pie_bench_metrics_are_computed_outside_the_edit_mask():
+    """An edit that changes only the masked (edited) region scores perfectly on the unedited region."""
+    from diffinv.callbacks import metric_lines
+    from diffinv.inversion.base import ItemResult
+
+    rle = []
+    for y in range(128, 384):  # the central half of the 512x512 annotation grid
+        rle += [y * 512 + 128, 256]
+    source = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    edit = source.clone()
+    edit[:, 10:22, 10:22] = 0.5  # inside the edit mask only (it covers rows/cols 8..23 at 32x32)
+    r = ItemResult(id="x", source=source, reconstruction=source.clone(), edits=[edit], target_prompts=["a dog"],
+                   inversion=record(), seconds_inversion=1.0, seconds_sampling=1.0,
+                   meta={"mask_rle": rle, "editing_type_id": "1"})
+    recon, edited = metric_lines(r, "npi", "shapes", 7.5)
+    assert recon["psnr"] == "inf" and recon["psnr_unedited"] == "inf"
+    assert isinstance(edited["psnr"], float) and edited["psnr_unedited"] == "inf" and edited["mse_unedited"] == 0.0
+    assert edited["editing_type_id"] == "1" and "mask_rle" not in edited

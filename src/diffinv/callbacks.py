@@ -63,13 +63,13 @@ def _edit_mask(r: ItemResult, shape: tuple[int, int]) -> torch.Tensor | None:
     return torch.nn.functional.interpolate(mask, size=shape, mode="nearest")[0, 0] > 0.5
 
 
-def image_metrics(img, r: ItemResult, prompt: str, settings: MetricSettings) -> dict:
+def image_metrics(img, r: ItemResult, prompt: str, settings: MetricSettings,
+                  edit_mask: torch.Tensor | None = None) -> dict:
     out = {"psnr": _finite(psnr(img, r.source)), "ssim": ssim(img, r.source), "mse": mse(img, r.source)}
     for net in settings.lpips:
         out[f"lpips_{net}"] = lpips(img, r.source, net)
     if settings.clip_model:
         out["clip_score"] = clip_score(img, prompt, settings.clip_model)
-    edit_mask = _edit_mask(r, tuple(img.shape[-2:]))
     if edit_mask is not None:
         keep = ~edit_mask
         a, b = masked(img, keep), masked(r.source, keep)
@@ -81,13 +81,14 @@ def image_metrics(img, r: ItemResult, prompt: str, settings: MetricSettings) -> 
     return out
 
 
-def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: float,
+def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
                  settings: MetricSettings | None = None) -> list[dict]:
     settings = settings or MetricSettings()
     n = 1 + len(r.edits)
     seconds = r.seconds_inversion + r.seconds_sampling
+    edit_mask = _edit_mask(r, tuple(r.source.shape[-2:]))  # decoded once per item
     lines = []
-    for k, (img, target, name) in enumerate(
+    for img, target, name in (
         [(r.reconstruction, None, "reconstruction.png")]
         + [(e, t, f"edit-{i}.png") for i, (e, t) in enumerate(zip(r.edits, r.target_prompts))]
     ):
@@ -99,7 +100,7 @@ def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: f
             "kind": "reconstruction" if target is None else "edit",
             "source_prompt": r.inversion.source_prompt,
             "target_prompt": target,
-            **image_metrics(img, r, target or r.inversion.source_prompt, settings),
+            **image_metrics(img, r, target or r.inversion.source_prompt, settings, edit_mask),
             "seconds": seconds,
             "seconds_inversion": r.seconds_inversion,
             "seconds_sampling": r.seconds_sampling,
@@ -114,7 +115,7 @@ def metric_lines(r: ItemResult, method: str, model: str, steps: int, guidance: f
     return lines
 
 
-def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: int, guidance: float,
+def write_item(r: ItemResult, output_dir: Path, method: str, model: str, guidance: float,
                settings: MetricSettings | None = None) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / r.id
@@ -126,7 +127,7 @@ def write_item(r: ItemResult, output_dir: Path, method: str, model: str, steps: 
     save_png(r.reconstruction, tmp / "reconstruction.png")
     for k, e in enumerate(r.edits):
         save_png(e, tmp / f"edit-{k}.png")
-    lines = metric_lines(r, method, model, steps, guidance, settings)
+    lines = metric_lines(r, method, model, guidance, settings)
     (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
     r.inversion.save(tmp / DONE_MARKER)
     if final.exists():  # an unfinished folder from an interrupted run (finished ones were skipped)
@@ -197,7 +198,7 @@ class InversionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for r in prediction:
             write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
-                       pl_module.num_inference_steps, pl_module.guidance_scale, self.settings)
+                       pl_module.guidance_scale, self.settings)
             self.written += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

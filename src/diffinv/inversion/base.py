@@ -160,7 +160,7 @@ class InversionMethod(L.LightningModule):
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
         first_row = {}
-        for r, (g, _, tgt) in enumerate(rows):
+        for r, (g, _, _) in enumerate(rows):
             first_row.setdefault(g, r)
 
         def run(picked: list[int], z_start: Tensor, **kw) -> Tensor:
