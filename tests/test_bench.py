@@ -36,6 +36,7 @@ def test_bench_config_runs_and_reports(config, tiny_model_dir, tmp_path, monkeyp
     assert lpips and all(r["n"] == "0" and int(r["unavailable"]) > 0 for r in lpips)  # no torchvision here
     assert "unavailable" in table
     assert (out / "psnr.png").is_file() and (out / "seconds.png").is_file()
+    assert not (out / "lpips_alex.png").exists()  # no empty plot for a metric without values
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     psnr = [r for r in rows if r["metric"] == "psnr"]
     assert all(int(r["n"]) == 3 for r in psnr)  # --data.limit 3: three items per run

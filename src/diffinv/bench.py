@@ -8,7 +8,8 @@ resuming (finished items are skipped) work per run exactly as for a single run. 
 * ``results.csv``: one row per run and metric: mean, 95% confidence half-width (1.96 s / sqrt(n), normal
   approximation), n (finite values), and how many values were not finite (never averaged silently);
 * ``results.md``: the table (mean ± CI), "unavailable" for metrics that could not be computed;
-* ``<metric>.png``: bars per method (one step count) or lines over the step counts (a sweep);
+* ``<metric>.png``: bars per method (one step count) or lines over the step counts (a sweep); none for a
+  metric without a single value (an unavailable LPIPS, say);
 * ``tensorboard/``: the same means as scalars (``<table>/<metric>/<label>`` at step = N).
 """
 
@@ -159,6 +160,8 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
     labels = list(dict.fromkeys(label for label, _ in keys))
     sweep = len({n for _, n in keys}) > 1
     for metric in metrics:
+        if not any(r["n"] for (_, _, m), r in cell.items() if m == metric):
+            continue  # nothing to draw: an empty plot would only hide that the metric is unavailable
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for i, label in enumerate(labels):
             pts = sorted((n, cell[(label, n, metric)]) for l2, n in keys if l2 == label and (label, n, metric) in cell)
