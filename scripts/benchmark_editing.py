@@ -52,6 +52,8 @@ INVERSIONS = {
 EDITORS = {
     "none": lambda: None,
     "p2p": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4),
+    "p2p (reference)": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
+                                              control_unconditional=False),  # the reference: conditional rows only
     "p2p+blend": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
                                         local_blend_words=list(SHAPES)),  # the object's region
     "sdedit": lambda: SDEdit(strength=0.6),

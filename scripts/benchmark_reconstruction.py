@@ -43,6 +43,7 @@ METHODS = {
     "ProxNPI": lambda bb, n: ProximalNegativePromptInversion(bb, n),
     "NTI": lambda bb, n: NullTextInversion(bb, n),
     "NTI (source init)": lambda bb, n: NullTextInversion(bb, n, init="source"),
+    "NTI (lr 3e-2)": lambda bb, n: NullTextInversion(bb, n, lr=3e-2),
     "latent-TOP": lambda bb, n: LatentTrajectoryOptimization(bb, n),
 }
 

@@ -50,25 +50,28 @@ def test_vae_reconstructs_held_out_scenes():
     scenes = sample_scenes(64, seed=7, split="held_out")
     x = torch.stack([image_tensor(render(s)) for s in scenes])
     rec = bb.decode(bb.encode_image(x))
-    assert float(np.mean([psnr(a, b) for a, b in zip(rec, x)])) > 27  # measured 27.3-27.6 dB (README)
+    assert float(np.mean([psnr(a, b) for a, b in zip(rec, x)])) > 31  # measured 33.5 dB here, 33.7 on 512 (README)
     read = [classify((r.permute(1, 2, 0).numpy() * 255).round()) for r in rec]
     acc = attribute_accuracy(read, [s.attributes for s in scenes])
-    assert acc["colour"] > 0.95 and acc["background"] > 0.95
+    assert acc["colour"] == 1 and acc["background"] == 1 and acc["all"] > 0.9, acc  # measured all: 0.98
 
 
 @torch.inference_mode()
-def test_samples_follow_their_prompts():
+def test_samples_follow_their_prompts_and_guidance_matters():
     from diffinv.editing.sampler import sample
 
     bb = Backbone.load(SHAPES)
     scenes = sample_scenes(32, seed=99, split="held_out")
     schedule = bb.schedule(20)
     z = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    latents = sample(bb, schedule, z, bb.encode_prompts([s.caption for s in scenes]),
-                     bb.encode_prompts([""] * 32), guidance_scale=7.5)
-    images = (bb.decode(latents).permute(0, 2, 3, 1).numpy() * 255).round()
-    acc = attribute_accuracy([classify(i) for i in images], [s.attributes for s in scenes])
-    assert acc["colour"] > 0.75 and acc["background"] > 0.75, acc
+    acc = {}
+    for w in (7.5, 1.0):
+        latents = sample(bb, schedule, z, bb.encode_prompts([s.caption for s in scenes]),
+                         bb.encode_prompts([""] * 32), guidance_scale=w)
+        images = (bb.decode(latents).permute(0, 2, 3, 1).numpy() * 255).round()
+        acc[w] = attribute_accuracy([classify(i) for i in images], [s.attributes for s in scenes])
+    assert acc[7.5]["colour"] > 0.9 and acc[7.5]["background"] > 0.9 and acc[7.5]["all"] > 0.9, acc
+    assert acc[7.5]["all"] > acc[1.0]["all"], acc  # measured 1.0 against 0.84: CFG matters (README: 99.8 / 94.9%)
 
 
 def test_npi_reconstructs_far_better_than_ddim_with_cfg(scenes):
