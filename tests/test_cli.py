@@ -15,7 +15,8 @@ from diffinv.inversion.record import Inversion
 REPO = Path(__file__).resolve().parents[1]
 
 
-METHOD_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "class_path: diffinv.inversion." in p.read_text())
+METHOD_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")
+                        if "class_path: diffinv.inversion." in p.read_text())
 
 
 def cli(*args):

@@ -47,3 +47,71 @@ def test_mask_marks_the_edited_region_and_dilates():
     assert eps[0, 0, 3, 3] == 10.0  # l0 keeps the spike, scaled by w
     _, keep = proximal_eps(src, tar, 2.0, ProximalGuidance(quantile=0.5, mask_dilation=1), torch.tensor([0]))
     assert keep.sum() == 49 - 9
+
+
+def test_authors_operators_on_hand_made_tensors():
+    from diffinv.guidance import apply_prox
+
+    x = torch.tensor([-3.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.5])
+    tau = torch.tensor(1.0)
+    # the authors' 'l0': x - clamp(x, -tau, tau), i.e. a soft threshold (eq. 8), not eq. 9's hard one
+    torch.testing.assert_close(apply_prox(x, tau, "authors_l0"), torch.tensor([-2.0, -0.5, 0, 0, 0, 0, 0, 0.5, 1.5]))
+    torch.testing.assert_close(apply_prox(x, tau, "authors_l0"), apply_prox(x, tau, "l1"))
+    # the authors' 'l1': x + 2 tau below -tau (-1.5 flips sign), x - tau on (tau, 2 tau), x - 2 tau from 2 tau on
+    torch.testing.assert_close(apply_prox(x, tau, "authors_l1"), torch.tensor([-1.0, 0.5, 0, 0, 0, 0, 0, 0.5, 0.5]))
+    jump = apply_prox(torch.tensor([1.999, 2.0]), tau, "authors_l1")
+    torch.testing.assert_close(jump, torch.tensor([0.999, 0.0]))
+    torch.testing.assert_close(apply_prox(x, tau, "l0"), torch.tensor([-3.0, -1.5, 0, 0, 0, 0, 0, 1.5, 2.5]))
+
+
+def test_row_scope_thresholds_each_target_at_its_own_quantile():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(3, 4, 8, 8, generator=g)
+    tar = torch.cat([src[:1], torch.randn(2, 4, 8, 8, generator=g)])  # row 0: a reconstruction, delta = 0
+    edit_rows = torch.tensor([False, True, True])
+    cfgp = ProximalGuidance(quantile=0.7, mask_dilation=0)
+    eps, keep = proximal_eps(src, tar, 1.0, cfgp, torch.tensor([0, 0, 0]), edit_rows)
+    zeroed = ((eps - src) == 0).flatten(1).float().mean(1)
+    assert abs(zeroed[1] - 0.7) < 0.01 and abs(zeroed[2] - 0.7) < 0.01
+    assert keep[0].min() == 1  # the reconstruction row: plain CFG, nothing edited
+    alone, _ = proximal_eps(src[1:2], tar[1:2], 1.0, cfgp, torch.tensor([0]), edit_rows[1:2])
+    torch.testing.assert_close(eps[1:2], alone)
+    # the authors' scope: tau over the reconstruction row's zeros too, so only ~40% of a target's entries go
+    item, _ = proximal_eps(src[:2], tar[:2], 1.0, ProximalGuidance(quantile=0.7, scope="item", mask_dilation=0),
+                           torch.tensor([0, 0]), edit_rows[:2])
+    assert abs(((item[1] - src[1]) == 0).float().mean() - 0.4) < 0.02
+
+
+def authors_step(eps_uncond, eps_text, w, quantile, prox, dilate_mask):
+    """The ProxNPI authors' guidance step, transcribed from their released code's formulas: tau over the whole
+    batched tensor, 'l0' = x - clamp(x), 'l1' = that minus tau again, mask from the shrunk delta, dilated."""
+    score_delta = eps_text - eps_uncond
+    threshold = score_delta.abs().quantile(quantile)
+    score_delta = score_delta - score_delta.clamp(-threshold, threshold)
+    if prox == "l1":
+        score_delta = torch.where(score_delta > 0, score_delta - threshold, score_delta)
+        score_delta = torch.where(score_delta < 0, score_delta + threshold, score_delta)
+    mask_edit = (score_delta.abs() > threshold).float()
+    if dilate_mask > 0:
+        mask_edit = torch.nn.functional.max_pool2d(mask_edit, 2 * dilate_mask + 1, 1, dilate_mask)
+    return eps_uncond + w * score_delta, 1 - mask_edit
+
+
+def test_reference_config_matches_the_authors_code():
+    import yaml
+
+    from test_cli import REPO
+
+    cfg_ = yaml.safe_load((REPO / "configs/reference/proxnpi.yaml").read_text())["model"]["init_args"]
+    g = torch.Generator().manual_seed(2)
+    src_row = torch.randn(1, 4, 8, 8, generator=g)
+    uncond = src_row.repeat(2, 1, 1, 1)  # NPI: the source prompt is every row's negative
+    text = torch.cat([src_row, torch.randn(1, 4, 8, 8, generator=g)])  # their batch: [source, target]
+    for prox in ("authors_l0", "authors_l1"):
+        config = ProximalGuidance(**{**cfg_["proximal"], "prox": prox})
+        ours = proximal_eps(uncond, text, cfg_["guidance_scale"], config, torch.tensor([0, 0]),
+                            torch.tensor([False, True]))
+        theirs = authors_step(uncond, text, cfg_["guidance_scale"], config.quantile, prox.removeprefix("authors_"),
+                              config.mask_dilation)
+        torch.testing.assert_close(ours[0], theirs[0])
+        torch.testing.assert_close(ours[1], theirs[1])

@@ -29,19 +29,56 @@ def prox_l0(x: Tensor, lam: Tensor | float) -> Tensor:
     return torch.where(x.abs() > (2 * lam).sqrt(), x, torch.zeros_like(x))
 
 
+def prox_soft_authors(x: Tensor, tau: Tensor | float) -> Tensor:
+    """What the ProxNPI authors' code calls 'l0': x - clamp(x, -tau, tau), a *soft* threshold (numerically eq. 8
+    at lambda = tau), not the hard threshold of eq. 9."""
+    tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device)
+    return x - torch.maximum(torch.minimum(x, tau), -tau)
+
+
+def prox_double_shrink_authors(x: Tensor, tau: Tensor | float) -> Tensor:
+    """What the ProxNPI authors' code calls 'l1': the soft threshold s, then s - tau where s > 0, then + tau where
+    the result is < 0, in that order. So x - 2 tau for x >= 2 tau, x - tau for tau < x < 2 tau (a jump from tau to
+    0 at 2 tau), x + 2 tau for x < -tau (a sign flip for -2 tau < x < -tau), 0 in between. Neither eq. 8 nor
+    eq. 9; kept only to reproduce the published numbers."""
+    s = prox_soft_authors(x, tau)
+    tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device)
+    s = torch.where(s > 0, s - tau, s)
+    return torch.where(s < 0, s + tau, s)
+
+
+ProxOperator = Literal["l0", "l1", "authors_l0", "authors_l1"]
+
+
+def apply_prox(delta: Tensor, tau: Tensor, prox: ProxOperator) -> Tensor:
+    """The proximal operator ``prox`` on the guidance delta at threshold tau (broadcast over delta)."""
+    if prox == "l0":
+        return prox_l0(delta, tau * tau / 2)  # eq. 9 keeps |x| > sqrt(2 lambda) = tau
+    if prox == "l1":
+        return prox_l1(delta, tau)  # eq. 8 at lambda = tau
+    if prox == "authors_l0":
+        return prox_soft_authors(delta, tau)
+    if prox == "authors_l1":
+        return prox_double_shrink_authors(delta, tau)
+    raise ValueError(f"prox must be one of l0, l1, authors_l0, authors_l1; got {prox!r}")
+
+
 def quantile_threshold(delta: Tensor, q: float, groups: Tensor) -> Tensor:
     """Per-row threshold tau = quantile(|delta|, q) over the rows of each group, shaped (B, 1, 1, 1).
 
-    ``groups`` (B,) labels rows that share one threshold: one label per item reproduces the reference (its batch
-    is one source row plus that item's target rows); a distinct label per row gives per-sample thresholds.
-    q = 0 means no thresholding at all (tau = 0, which is plain NPI).
+    ``groups`` (B,) labels rows that share one threshold: a distinct label per row is ProxNPI Alg. 1 (each
+    target's own delta); one label per item reproduces the authors' code, whose batch is an item's source row and
+    its target. q = 0 means no thresholding at all (tau = 0, which is plain NPI).
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
-    tau = torch.zeros(delta.shape[0], dtype=delta.dtype, device=delta.device)
+    B = delta.shape[0]
     if q == 0.0:
-        return tau.view(-1, 1, 1, 1)
-    absd = delta.abs().float()
+        return torch.zeros(B, 1, 1, 1, dtype=delta.dtype, device=delta.device)
+    absd = delta.abs().float().flatten(1)
+    if len(torch.unique(groups)) == B:  # one row per group: one quantile per row, computed together
+        return torch.quantile(absd, q, dim=1).to(delta.dtype).view(-1, 1, 1, 1)
+    tau = torch.zeros(B, dtype=delta.dtype, device=delta.device)
     for g in torch.unique(groups):
         rows = groups == g
         tau[rows] = torch.quantile(absd[rows].flatten(), q).to(delta.dtype)
@@ -52,18 +89,26 @@ def quantile_threshold(delta: Tensor, q: float, groups: Tensor) -> Tensor:
 class ProximalGuidance:
     """Proximal guidance of ProxNPI (Han et al. 2023, eq. 7-9 and Algorithm 1, plus the poster's inversion guidance)."""
 
-    prox: Literal["l0", "l1"] = "l0"
-    """Proximal operator on the guidance delta eps_tar - eps_src: 'l0' hard threshold (eq. 9) or 'l1' soft (eq. 8).
-    Both threshold |delta| at tau (for 'l0' that is lambda = tau^2 / 2)."""
+    prox: ProxOperator = "l0"
+    """Proximal operator on the guidance delta eps_tar - eps_src, thresholding |delta| at tau: 'l0' hard threshold
+    (eq. 9, lambda = tau^2 / 2), 'l1' soft threshold (eq. 8). The authors' released code differs from both:
+    'authors_l0' is its 'l0' (a soft threshold: x - clamp(x, -tau, tau)), 'authors_l1' its 'l1' (tau subtracted
+    again, asymmetrically: see ``prox_double_shrink_authors``). Use those with mask_from 'shrunk' and scope 'item' to reproduce the
+    published numbers (configs/reference/proxnpi.yaml)."""
     quantile: float = 0.7
     """tau = this quantile of |eps_tar - eps_src|, per step; 0 keeps everything (plain NPI), 1 drops everything
     (plain DDIM reconstruction)."""
-    scope: Literal["item", "sample"] = "item"
-    """Rows sharing one tau: 'item' = an item's source row and all its target rows (what the reference's batch
-    holds), 'sample' = each row its own."""
+    scope: Literal["row", "item"] = "row"
+    """Entries over which the quantile is taken: 'row' = that target's own delta (Alg. 1; an edit never depends
+    on the other prompts or items of its batch); 'item' = the item's reconstruction row (delta = 0 for NPI) and
+    all its target rows together, as the authors' code does with its batch of source and target (so q = 0.7
+    zeroes about 40% of a single target's entries, and an edit changes when another target joins its item)."""
+    mask_from: Literal["delta", "shrunk"] = "delta"
+    """The edited region: 'delta' = |eps_tar - eps_src| > tau (Alg. 1 line 7); 'shrunk' = |prox(delta)| > tau, as
+    the authors' code takes it from the already-thresholded delta (for their soft 'l0': |delta| > 2 tau)."""
     mask_dilation: int = 1
-    """Radius (latent pixels) of the max-pool that grows the edited region |delta| > tau before the guidance masks
-    are taken from it (the reference uses 1-2; 0 = no dilation)."""
+    """Radius (latent pixels) of the max-pool that grows the edited region before the guidance masks are taken from
+    it (the reference uses 1-2; 0 = no dilation)."""
     reconstruction_guidance: bool = True
     """Alg. 1 lines 9-10: pull the predicted x0 towards the source latent z0 in the unedited region."""
     inversion_guidance: bool = True
@@ -75,22 +120,29 @@ class ProximalGuidance:
 
 
 def proximal_eps(
-    eps_src: Tensor, eps_tar: Tensor, guidance_scale: float, config: ProximalGuidance, groups: Tensor
+    eps_src: Tensor, eps_tar: Tensor, guidance_scale: float, config: ProximalGuidance, groups: Tensor,
+    edit_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ProxNPI Alg. 1 lines 6-7: eps~ = eps_src + w prox(eps_tar - eps_src), and the unedited-region mask M.
 
     M is 1 where |delta| <= tau (after growing the edited region by ``mask_dilation``), 0 elsewhere.
+    ``edit_rows`` (B,) bool marks the target (edit) rows; under scope 'row' the other rows (reconstructions) are
+    plain CFG, eps_src + w (eps_tar - eps_src), with M = 1 everywhere: the proximal operator acts on an edit's
+    delta only (for NPI's reconstruction row delta is 0 and both readings agree; for a null-text record's
+    reconstruction row it keeps the record's own CFG reconstruction). None: every row is an edit row.
     """
     delta = eps_tar - eps_src
+    B = delta.shape[0]
+    if config.scope == "row":
+        groups = torch.arange(B, device=delta.device)
     tau = quantile_threshold(delta, config.quantile, groups)
-    if config.prox == "l1":
-        shrunk = prox_l1(delta, tau)
-    elif config.prox == "l0":
-        shrunk = prox_l0(delta, tau * tau / 2)  # eq. 9 keeps |x| > sqrt(2 lambda) = tau
-    else:
-        raise ValueError(f"prox must be 'l0' or 'l1', got {config.prox!r}")
-    edited = (delta.abs() > tau).to(delta.dtype)
+    shrunk = apply_prox(delta, tau, config.prox)
+    edited = ((shrunk if config.mask_from == "shrunk" else delta).abs() > tau).to(delta.dtype)
     if config.mask_dilation > 0:
         k = 2 * config.mask_dilation + 1
         edited = F.max_pool2d(edited, kernel_size=k, stride=1, padding=config.mask_dilation)
+    if edit_rows is not None and config.scope == "row":
+        is_edit = edit_rows.to(delta.device).view(-1, 1, 1, 1)
+        shrunk = torch.where(is_edit, shrunk, delta)
+        edited = torch.where(is_edit, edited, torch.zeros_like(edited))
     return eps_src + guidance_scale * shrunk, 1 - edited

@@ -26,6 +26,7 @@ def sample(
     uncond_is_cond: Tensor | None = None,
     proximal: ProximalGuidance | None = None,
     groups: Tensor | None = None,
+    edit_rows: Tensor | None = None,
     z0: Tensor | None = None,
     trajectory: Tensor | None = None,
     controller=None,
@@ -41,7 +42,9 @@ def sample(
         guidance_scale: w of classifier-free guidance (eq. 1) or of proximal guidance.
         uncond_is_cond: (B,) bool: rows whose unconditional branch equals the conditional one (computed once).
         proximal: ProxNPI guidance: ``uncond`` plays eps_src and ``cond`` eps_tar (Alg. 1 lines 4-6).
-        groups: (B,) rows sharing one proximal threshold (see ``ProximalGuidance.scope``).
+        groups: (B,) the item of each row (rows sharing one proximal threshold under scope 'item').
+        edit_rows: (B,) bool: the target (edit) rows, the only ones the proximal operator acts on under scope
+            'row'; None: all rows.
         z0: (B, C, h, w) source latents, for reconstruction guidance.
         trajectory: (N + 1, B, C, h, w) inversion trajectories, for inversion guidance.
         controller: Prompt-to-Prompt's :class:`AttentionController`, already installed on the UNet; told the
@@ -55,7 +58,7 @@ def sample(
         raise ValueError(f"per-step unconditional embeddings cover {uncond.shape[0]} steps, the run has {n}")
     need_u = torch.ones(B, dtype=torch.bool, device=z_T.device) if uncond_is_cond is None else ~uncond_is_cond.to(z_T.device)
     if proximal is not None:
-        groups = torch.arange(B, device=z_T.device) if groups is None or proximal.scope == "sample" else groups
+        groups = torch.arange(B, device=z_T.device) if groups is None else groups
         if proximal.reconstruction_guidance and z0 is None:
             raise ValueError("reconstruction guidance needs the source latents z0")
         if proximal.inversion_guidance and trajectory is None:
@@ -79,7 +82,7 @@ def sample(
         if proximal is None:
             eps = cfg(eps_u, eps_c, guidance_scale)
         else:
-            eps, keep = proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups)
+            eps, keep = proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups, edit_rows)
         # 3. DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
         x0 = predict_x0(z, eps, a_t)
         guide = proximal is not None and int(t) < proximal.until_timestep

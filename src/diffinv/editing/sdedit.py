@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import hashlib
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,8 @@ class SDEdit(Editor):
             strength: Fraction t0 of the sampling steps the edit runs (0: no change, 1: from pure noise).
             start_from: 'noise': sqrt(a) z0 + sqrt(1 - a) n with fresh Gaussian n (SDEdit); 'inversion': the DDIM
                 inversion trajectory's latent at that level (deterministic).
-            seed: Seed of the noise of 'noise'.
+            seed: Run seed of the noise of 'noise'. Each edit draws its own noise from (this seed, the item's id,
+                the target prompt), so an edit is the same alone or beside any other items and prompts.
         """
         if not 0 < strength <= 1:
             raise DiffinvError(f"SDEdit strength must be in (0, 1], got {strength}")
@@ -32,11 +35,19 @@ class SDEdit(Editor):
     def start_level(self, num_steps: int) -> int:
         return max(1, min(num_steps, round(self.strength * num_steps)))
 
-    def start_latents(self, z0: Tensor, trajectory: Tensor, schedule: Schedule) -> Tensor:
-        """(B, C, h, w) start latents of the edit rows at :meth:`start_level`. ``trajectory``: (N + 1, B, ...)."""
+    def start_latents(self, z0: Tensor, trajectory: Tensor, schedule: Schedule, keys: list[tuple[str, str]]) -> Tensor:
+        """(B, C, h, w) start latents of the edit rows at :meth:`start_level`. ``trajectory``: (N + 1, B, ...);
+        ``keys``: (item id, target prompt) of each row, which (with ``seed``) seed that row's noise."""
         k = self.start_level(schedule.num_steps)
         if self.start_from == "inversion":
             return trajectory[k]
-        gen = torch.Generator().manual_seed(self.seed)
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=gen) for _ in range(z0.shape[0])]).to(z0)
+        noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(edit_seed(self.seed, *key)))
+                             for key in keys]).to(z0)
         return from_x0(z0, noise, schedule.alphas[k].to(z0.dtype))
+
+
+def edit_seed(seed: int, item_id: str, target_prompt: str) -> int:
+    """A 63-bit seed of one edit from the run seed, the item's id and the target prompt (stable across runs and
+    processes, unlike Python's ``hash``)."""
+    digest = hashlib.sha256(f"{seed}\0{item_id}\0{target_prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -141,10 +141,12 @@ class InversionMethod(L.LightningModule):
             ))
         return records
 
-    def edit(self, inversions: list[Inversion], target_prompts: list[list[str]]) -> list[tuple[Tensor, list[Tensor]]]:
+    def edit(self, inversions: list[Inversion], target_prompts: list[list[str]],
+             ids: list[str] | None = None) -> list[tuple[Tensor, list[Tensor]]]:
         """Reconstruct each inversion (row 0: its source prompt) and apply its target prompts (rows 1..K), all
-        rows of all items batched, with the configured editor. Returns (reconstruction latent, [edit latents])
-        per item."""
+        rows of all items batched, with the configured editor. ``ids``: the items' ids (seed SDEdit's noise;
+        default: their source prompts). Returns (reconstruction latent, [edit latents]) per item."""
+        ids = ids if ids is not None else [inv.source_prompt for inv in inversions]
         n = inversions[0].num_steps
         if any(inv.num_steps != n for inv in inversions):
             raise DiffinvError("inversions with different step counts cannot be sampled in one batch")
@@ -175,6 +177,7 @@ class InversionMethod(L.LightningModule):
                                              for r in picked], device=dev),
                 proximal=self.proximal,
                 groups=torch.tensor([rows[r][0] for r in picked], device=dev),
+                edit_rows=torch.tensor([rows[r][2] is not None for r in picked], device=dev),
                 z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
                 trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
                 **kw,
@@ -190,7 +193,8 @@ class InversionMethod(L.LightningModule):
             if edits:
                 z0 = torch.stack([inversions[rows[r][0]].z0 for r in edits]).to(dev)
                 traj = torch.stack([inversions[rows[r][0]].trajectory for r in edits], dim=1).to(dev)
-                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule),
+                keys = [(ids[rows[r][0]], rows[r][2]) for r in edits]
+                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule, keys),
                                      start_level=self.editor.start_level(n))
         elif isinstance(self.editor, PromptToPrompt):
             controller = self.editor.controller(
@@ -236,7 +240,7 @@ class InversionMethod(L.LightningModule):
         _sync(self.device)
         t1 = time.perf_counter()
         with torch.no_grad():
-            edited = self.edit(inversions, [i.target_prompts for i in items])
+            edited = self.edit(inversions, [i.target_prompts for i in items], [i.id for i in items])
             flat = [z for rec, edits in edited for z in (rec, *edits)]
             decoded = self.backbone.decode(torch.stack(flat)).cpu()
         _sync(self.device)
