@@ -56,7 +56,7 @@ EDITORS = {
                                               control_unconditional=False),  # the reference: conditional rows only
     "p2p+blend": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
                                         local_blend_words=list(SHAPES)),  # the object's region
-    "sdedit": lambda: SDEdit(strength=0.6),
+    "sdedit": lambda: SDEdit(strength=0.6, start_from="inversion"),  # NPI paper App. C.3: from the inverted latent
 }
 
 

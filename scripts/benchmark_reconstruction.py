@@ -41,9 +41,9 @@ METHODS = {
     "DDIM+CFG": lambda bb, n: DDIMInversion(bb, n),
     "NPI": lambda bb, n: NegativePromptInversion(bb, n),
     "ProxNPI": lambda bb, n: ProximalNegativePromptInversion(bb, n),
-    "NTI": lambda bb, n: NullTextInversion(bb, n),
-    "NTI (source init)": lambda bb, n: NullTextInversion(bb, n, init="source"),
-    "NTI (lr 3e-2)": lambda bb, n: NullTextInversion(bb, n, lr=3e-2),
+    "NTI": lambda bb, n: NullTextInversion(bb, n),  # warm-started from the source prompt (NPI's solution)
+    "NTI (null init, paper)": lambda bb, n: NullTextInversion(bb, n, init="null"),
+    "NTI (null init, lr 3e-2)": lambda bb, n: NullTextInversion(bb, n, init="null", lr=3e-2),
     "latent-TOP": lambda bb, n: LatentTrajectoryOptimization(bb, n),
 }
 
@@ -87,7 +87,7 @@ def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[l
             t = schedule.timesteps[k - 1]
             a_t, a_prev = schedule.alphas[k].float(), schedule.alphas[k - 1].float()
             uncond = uncond.clone().detach().requires_grad_(True)
-            opt = torch.optim.Adam([uncond], lr=s.lr_at(i))  # the reference's 1e-2 (1 - i/100) up to 50 steps
+            opt = torch.optim.Adam([uncond], lr=s.lr_at(i, n))  # the reference's 1e-2 (1 - i/100) at 50 steps
             with torch.no_grad():
                 eps_c = bb.eps(z, t, cond)
             for _ in range(s.num_inner_steps):
@@ -97,7 +97,7 @@ def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[l
                 loss.backward()
                 opt.step()
                 total_iters += 1
-                if loss.item() < s.epsilon + i * s.delta:
+                if loss.item() < s.threshold_at(i, n):
                     break
             with torch.no_grad():
                 z = ddim_step(z, cfg(bb.eps(z, t, uncond), eps_c, w), a_t, a_prev)
@@ -127,7 +127,7 @@ def main(argv=None) -> list[dict]:
     for n in args.steps:
         for name in args.methods:
             if name == "NTI reference-style loop":
-                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n), items)
+                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n, init="null"), items)
             else:
                 scores, seconds, iters = run_method(METHODS[name](bb, n), items)
             m, ci, _, _ = mean_ci(scores)

@@ -215,6 +215,18 @@ def evaluate(folder: Path, n_eval: int, seed: int, steps: int) -> dict:
     return out
 
 
+def load_text_encoder_in_float32(folder: Path) -> None:
+    """The weights are stored in fp16 to keep the package small, but plain diffusers must load the model as one
+    dtype: transformers loads a text encoder in its config's dtype, diffusers the UNet and VAE in float32. Saying
+    float32 in the text encoder's config makes ``StableDiffusionPipeline.from_pretrained(folder)`` sample as is."""
+    path = folder / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, default=REPO / "src/diffinv/shapes/model")
@@ -278,6 +290,7 @@ def main(argv=None) -> dict:
         pipe.to(torch.float16)
     pipe.save_pretrained(args.output, safe_serialization=True)
     write_tokenizer_files(args.output / "tokenizer")  # keep our own tokenizer files canonical
+    load_text_encoder_in_float32(args.output)
 
     timing = {"vae_minutes": vae_minutes, "unet_minutes": unet_minutes}
     return write_quality(args, timing, t_start)

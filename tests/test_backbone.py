@@ -62,3 +62,14 @@ def test_incomplete_folder_names_what_is_missing(tmp_path):
     (tmp_path / "vae").mkdir()
     with pytest.raises(DiffinvError, match="lacks text_encoder, tokenizer, unet, scheduler"):
         Backbone.load(BackboneConfig(pretrained=str(tmp_path)))
+
+
+def test_schedule_stays_float64_under_half_precision_casts(tiny_model_dir):
+    """Lightning's bf16-true / 16-true cast every floating tensor of the module: not the noise schedule."""
+    bb = Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir)))
+    reference = bb.schedule(50).alphas.clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        bb.to(dtype)
+        assert next(bb.unet.parameters()).dtype == dtype and bb.alphas_cumprod.dtype == torch.float64
+        alphas = bb.schedule(50).alphas
+        assert torch.equal(alphas, reference) and bool((alphas.diff() < 0).all())

@@ -30,12 +30,26 @@ def test_replace_mapping_swaps_words_and_names_counts(tok):
         replace_mapping(tok, "a red car", "a big red car")
 
 
-def test_replace_mapping_spreads_multi_token_words(tok):
-    m, _ = replace_mapping(tok, "a cat", "a xyz")  # 'xyz' is several character tokens
-    n = len(tok("xyz", add_special_tokens=False).input_ids)
+def test_replace_mapping_spreads_multi_token_words_preserving_attention_mass(tok):
+    n = len(tok("xyz", add_special_tokens=False).input_ids)  # 'xyz' is several character tokens
     assert n > 1
-    assert m[2, 2 : 2 + n].tolist() == [1.0] * n  # every piece of 'xyz' takes 'cat''s attention
-    assert m[3, 2 + n] == 1  # end token onto end token
+    m, _ = replace_mapping(tok, "a cat", "a xyz")
+    # google/prompt-to-prompt: each of the n pieces gets 'cat''s attention / n (not all of it: mass preserved)
+    torch.testing.assert_close(m[2, 2 : 2 + n], torch.full((n,), 1.0 / n))
+    row = torch.softmax(torch.randn(tok.model_max_length, generator=torch.Generator().manual_seed(0)), 0)
+    edited = row @ m
+    torch.testing.assert_close(edited[2 : 2 + n].sum(), row[2])
+    # after the last swapped word, the reference maps position j onto j; 'shifted' follows the token shift
+    assert all(m[j, j] == 1 for j in range(2 + n, tok.model_max_length))
+    shifted, _ = replace_mapping(tok, "a cat", "a xyz", tail="shifted")
+    assert shifted[3, 2 + n] == 1  # end token onto end token
+    torch.testing.assert_close(shifted[2, 2 : 2 + n], torch.full((n,), 1.0 / n))
+
+
+def test_replace_mapping_several_tokens_onto_one(tok):
+    n = len(tok("xyz", add_special_tokens=False).input_ids)
+    m, _ = replace_mapping(tok, "a xyz", "a cat")
+    assert m[2 : 2 + n, 2].tolist() == [1.0] * n  # 'cat' gets the sum of the pieces' attention (1 target token)
 
 
 def test_refine_alignment_and_new_words(tok):
@@ -54,6 +68,31 @@ def test_cross_replace_schedule_per_word(tok):
     p2p = PromptToPrompt(cross_replace_steps={"default": 1.0, "dog": 0.4})
     alpha = p2p._cross_alpha(tok, "a dog on the grass", 10)
     assert alpha[:, 2].sum() == 4 and alpha[:, 1].sum() == 10
+
+
+def test_cross_replace_steps_count_as_the_reference_and_take_bounds(tok):
+    # the reference: steps s < int(f (N + 1)); 0.25 of 10 steps is int(2.75) = 2 steps (ceil(2.5) = 3 would differ)
+    assert PromptToPrompt(cross_replace_steps=0.25)._cross_alpha(tok, "a dog", 10)[:, 1].tolist() == [1] * 2 + [0] * 8
+    window = PromptToPrompt(cross_replace_steps=(0.2, 0.6))._cross_alpha(tok, "a dog", 10)[:, 1]
+    assert window.nonzero().flatten().tolist() == [2, 3, 4, 5]  # int(2.2) .. int(6.6) - 1
+    per_word = PromptToPrompt(cross_replace_steps={"default": 0.8, "dog": [0.1, 0.5]})._cross_alpha(tok, "a dog", 10)
+    assert per_word[:, 2].nonzero().flatten().tolist() == [1, 2, 3, 4] and per_word[:, 1].sum() == 8
+    with pytest.raises(DiffinvError, match="cross_replace_steps"):
+        PromptToPrompt(cross_replace_steps=(0.6, 0.2))
+    with pytest.raises(DiffinvError, match="local_blend_words"):
+        PromptToPrompt(substruct_words=["cat"])
+
+
+def test_local_blend_region_is_upsampled_nearest_and_united_with_the_source(tok):
+    c = PromptToPrompt(local_blend_words=["cat", "dog"]).controller(
+        tok, sources=["a cat", "a cat"], targets=[None, "a dog"], source_index=[0, 0], num_steps=5, latent_hw=(8, 8))
+    maps = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.2, 0.2, 0.2]])  # 2x2 maps (8/4 per side)
+    region = c._region({4: maps}, 0.5, pool=False)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:4, :4] = True  # a 4x4 block: nearest, not a bilinear ramp
+    assert torch.equal(region[1, 0], expected) and torch.equal(region[0, 0], torch.zeros(8, 8, dtype=torch.bool))
+    union = c._region({4: maps.flip(0)}, 0.5, pool=False)
+    assert torch.equal(union[1, 0], expected)  # the target row's region includes its source's
 
 
 def method(bb, editor=None):
@@ -130,6 +169,34 @@ def test_local_blend_keeps_pixels_outside_the_region(bb):
     # a threshold of 0.99 leaves only the peak of the word maps editable: the edit stays close to the source row
     plain = run(method(bb), [item(0)])[0]
     assert float((r.edits[0] - r.reconstruction).abs().mean()) < float((plain.edits[0] - plain.reconstruction).abs().mean())
+
+
+def test_local_blend_reads_the_target_maps_after_replacement(bb, monkeypatch):
+    """With the whole prompt's cross-attention replaced, the target's stored 'dog' map is the source's 'cat' map."""
+    stored = []
+    original = AttentionController._store_blend_maps
+
+    def spy(self, cond):
+        before = {q: v.clone() for q, v in self.blend_maps.items()}
+        original(self, cond)
+        stored.append({q: v - before.get(q, 0) for q, v in self.blend_maps.items()})
+
+    monkeypatch.setattr(AttentionController, "_store_blend_maps", spy)
+    run(method(bb, PromptToPrompt(cross_replace_steps=1.0, self_replace_steps=0.0, local_blend_words=["cat", "dog"])),
+        [item(0)])
+    assert stored
+    for maps in stored:
+        for m in maps.values():
+            torch.testing.assert_close(m[1], m[0])
+
+
+def test_substruct_words_take_their_region_out_of_the_blend(bb):
+    everything = PromptToPrompt(local_blend_words=["cat", "dog"], local_blend_start=0.0, substruct_words=["photo"],
+                                substruct_threshold=-1.0)  # the substruct region covers the image: nothing may change
+    r = run(method(bb, everything), [item(0)])[0]
+    torch.testing.assert_close(r.edits[0], r.reconstruction, atol=1e-6, rtol=0)
+    free = run(method(bb, PromptToPrompt(local_blend_words=["cat", "dog"], local_blend_start=0.0)), [item(0)])[0]
+    assert (free.edits[0] - free.reconstruction).abs().max() > 1e-3
 
 
 def test_batched_items_with_p2p_equal_single_runs(bb):

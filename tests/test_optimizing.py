@@ -45,9 +45,12 @@ def test_optimisation_lowers_the_step_loss(bb):
 
 
 def test_early_stopping_stops(bb):
-    easy = nti(bb, early_stop_epsilon=1e9).run_batch([item(0)])[0].inversion.extra["inner_iterations"]
+    easy = nti(bb, early_stop_epsilon=1e9).run_batch([item(0)])[0].inversion
     hard = nti(bb, early_stop_epsilon=0, early_stop_delta=0).run_batch([item(0)])[0].inversion.extra["inner_iterations"]
-    assert easy.sum() == 0
+    # the reference steps, then checks: a loss already below the threshold still gets one update per step
+    assert easy.extra["inner_iterations"].tolist() == [1] * STEPS
+    null = nti(bb).backbone.encode_prompts([""])[0]
+    assert all((easy.unconditional[k] - null).abs().max() > 0 for k in range(STEPS))
     assert hard.tolist() == [10] * STEPS
 
 
@@ -120,9 +123,17 @@ def test_sampling_with_the_learnt_embeddings_retraces_the_tracked_trajectory(bb)
     torch.testing.assert_close(z, out["z_0"], atol=1e-4, rtol=0)
 
 
-def test_lr_schedule_is_the_reference_at_50_steps_and_positive_at_any_length():
+def test_lr_and_stop_schedules_are_the_reference_at_50_steps_and_follow_the_step_count():
     from diffinv.inversion.tracking import TrackingSchedule
 
     s = TrackingSchedule()
-    assert all(abs(s.lr_at(i) - 1e-2 * (1 - i / 100)) < 1e-15 for i in range(50))
-    assert min(s.lr_at(i) for i in range(200)) == 0.5e-2
+    # the NTI reference's formulas, written for 50 steps: lr 1e-2 (1 - i / 100), stop below 1e-5 + i 2e-5
+    assert all(abs(s.lr_at(i, 50) - 1e-2 * (1 - i / 100)) < 1e-15 for i in range(50))
+    assert all(abs(s.threshold_at(i, 50) - (1e-5 + i * 2e-5)) < 1e-15 for i in range(50))
+    for n in (10, 20, 100, 200):  # the same span over any step count: lr 1e-2 -> ~5e-3, threshold up to ~1e-3
+        assert s.lr_at(0, n) == 1e-2 and abs(s.lr_at(n, n) - 0.5e-2) < 1e-15
+        assert all(s.lr_at(i, n) > s.lr_at(i + 1, n) for i in range(n - 1))
+        assert abs(s.threshold_at(n // 2, n) - (1e-5 + 25 * 2e-5)) < 1e-12
+    verbatim = TrackingSchedule(schedule_steps=None)
+    assert abs(verbatim.threshold_at(150, 200) - (1e-5 + 150 * 2e-5)) < 1e-15
+    assert min(verbatim.lr_at(i, 200) for i in range(200)) == 0.5e-2  # floored where 1 - i / 100 would reach 0

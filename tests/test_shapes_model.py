@@ -90,3 +90,15 @@ def test_null_text_inversion_raises_psnr_over_ddim_with_cfg(scenes):
     none = torch.stack([r.inversion.extra["step_loss"]
                         for r in NullTextInversion(SHAPES, 10, num_inner_steps=0).run_batch(items(scenes[:4]))])
     assert float(losses.mean()) < float(none.mean())  # the optimisation lowers the per-step loss
+
+
+def test_plain_diffusers_loads_and_samples_the_shipped_model_without_a_dtype():
+    """The README says the embedded model is an ordinary diffusers folder: no dtype argument may be needed."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(embedded_model_path()))
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == pipe.vae.dtype
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a big red circle on a white background", num_inference_steps=3, height=32, width=32,
+               output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()

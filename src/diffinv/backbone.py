@@ -144,6 +144,15 @@ class Backbone(nn.Module):
         vae, text_encoder, tokenizer, unet, scheduler = _load_components(source, local, config)
         return cls(vae, text_encoder, tokenizer, unet, scheduler, name=config.pretrained)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts the modules; the noise schedule follows the device but stays float64 (under
+        ``bf16-true``/``16-true`` Lightning casts every floating tensor: alpha of level 1 would round to 1.0 and
+        the schedule stop being monotone)."""
+        super()._apply(fn, recurse)
+        if self.alphas_cumprod.dtype != torch.float64:
+            self.alphas_cumprod = self.scheduler.alphas_cumprod.clone().double().to(self.alphas_cumprod.device)
+        return self
+
     def train(self, mode: bool = True) -> "Backbone":
         return super().train(False)  # always frozen: no dropout, no norm updates
 

@@ -47,7 +47,7 @@ def masked_adam_step(param: Tensor, grad: Tensor, state: AdamState, lr: float | 
     state.exp_avg, state.exp_avg_sq, state.steps = m, v, steps
 
 
-def early_stop_threshold(step_index: int, epsilon: float, delta: float) -> float:
+def early_stop_threshold(step_index: float, epsilon: float, delta: float) -> float:
     """NTI's per-step stopping level: stop once loss < epsilon + i * delta at the i-th step (i = 0 at t = T)."""
     return epsilon + step_index * delta
 

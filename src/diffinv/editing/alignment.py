@@ -8,6 +8,8 @@ refine keeps the target's own attention where a token has no counterpart in the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -45,9 +47,17 @@ def _tail_identity(m: Tensor, a: Tensor, src_len: int, tgt_len: int) -> None:
         m[i, j], a[j] = 1.0, 1.0
 
 
-def replace_mapping(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]:
-    """Word swap: the i-th word of ``target`` takes the attention of the i-th word of ``source``; a word of a
-    different token count takes the mean attention of the source word's tokens. Needs equal word counts."""
+def replace_mapping(tokenizer, source: str, target: str,
+                    tail: Literal["same_position", "shifted"] = "same_position") -> tuple[Tensor, Tensor]:
+    """Word swap: the i-th word of ``target`` takes the attention of the i-th word of ``source``. A swapped word
+    of another token count gives each of its target tokens the sum of the source word's tokens divided by the
+    target's token count (the attention mass is preserved: rows still sum to 1), as google/prompt-to-prompt's
+    replacement mapper does. Needs equal word counts.
+
+    ``tail``: the tokens after the last swapped word (words, end token, padding). 'same_position' maps target
+    position j onto source position j, as the reference does; 'shifted' maps them word by word, then the end
+    token and the padding from the end (the same thing unless a swapped word changed the token count).
+    """
     src, tgt = word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)
     if len(src) != len(tgt):
         raise DiffinvError(
@@ -56,16 +66,23 @@ def replace_mapping(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor
     L = tokenizer.model_max_length
     m, a = torch.zeros(L, L), torch.zeros(L)
     m[0, 0], a[0] = 1.0, 1.0  # start token
-    for (_, s), (_, t) in zip(src, tgt):
+    swapped = [k for k, ((ws, _), (wt, _)) in enumerate(zip(src, tgt)) if ws != wt]
+    mapped = len(src) if tail == "shifted" or not swapped else swapped[-1] + 1
+    end = 1
+    for (_, s), (_, t) in zip(src[:mapped], tgt[:mapped]):
         s, t = [i for i in s if i < L - 1], [j for j in t if j < L - 1]
         if len(s) == len(t):
             for i, j in zip(s, t):
                 m[i, j] = 1.0
-        elif s:
-            for j in t:
-                m[s, j] = 1.0 / len(s)
+        elif s and t:
+            m[torch.tensor(s)[:, None], torch.tensor(t)[None, :]] = 1.0 / len(t)
         a[t] = 1.0
-    _tail_identity(m, a, _length(tokenizer, source), _length(tokenizer, target))
+        end = max([end, *[j + 1 for j in t]])
+    if tail == "shifted":
+        _tail_identity(m, a, _length(tokenizer, source), _length(tokenizer, target))
+    else:
+        for j in range(end, L):
+            m[j, j], a[j] = 1.0, 1.0
     return m, a
 
 

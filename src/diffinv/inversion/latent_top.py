@@ -85,6 +85,7 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         lr_floor: float = 0.5,
         early_stop_epsilon: float = 1e-5,
         early_stop_delta: float = 2e-5,
+        schedule_steps: int | None = 50,
         num_starts: int = 20,
         hops: int = 3,
         text_init_std: float = 0.1,
@@ -99,11 +100,13 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             guidance_scale: CFG scale G of the reconstruction (the paper: 7.5).
             num_inner_steps: Iterations m per timestep (the paper: 10).
             lr: Adam learning rate at t = T (paper silent; NTI's 1e-2).
-            lr_decay: The i-th step uses lr max(lr_floor, 1 - lr_decay i) (NTI's numbers).
+            lr_decay: The i-th step of N uses lr max(lr_floor, 1 - lr_decay i 50 / N) (NTI's numbers).
             lr_floor: Lowest lr, as a fraction of ``lr``.
-            early_stop_epsilon: Stop an image's step-i iterations once its loss < epsilon + i delta (paper
+            early_stop_epsilon: Stop an image's step-i iterations once its loss < epsilon + delta i 50 / N (paper
                 silent; NTI's numbers; 0 and 0 disable early stopping).
             early_stop_delta: See ``early_stop_epsilon``.
+            schedule_steps: The step count lr_decay and early_stop_delta are written for (NTI's 50); none: use
+                them per step at any step count.
             num_starts: Random starts K of the multi-start strategy (the paper: 20; 1 = only the prior).
             hops: Adam steps each start takes before the starts are compared.
             text_init_std: Spread of the random text-bias starts, in units of the null embedding's std.
@@ -112,7 +115,8 @@ class LatentTrajectoryOptimization(OptimizingInversion):
             editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
-        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor)
+        self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor,
+                                         schedule_steps)
         self.num_starts, self.hops = num_starts, hops
         self.text_init_std, self.noise_init_std, self.seed = text_init_std, noise_init_std, seed
 

@@ -25,7 +25,7 @@ EmbEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 @dataclass
 class TrackingSchedule:
-    """Inner-loop settings, the same numbers the NTI reference uses."""
+    """Inner-loop settings, the same numbers the NTI reference uses (written there for 50 steps)."""
 
     num_inner_steps: int = 10
     lr: float = 1e-2
@@ -33,12 +33,25 @@ class TrackingSchedule:
     epsilon: float = 1e-5
     delta: float = 2e-5
     lr_floor: float = 0.5
+    schedule_steps: int | None = 50
+    """The step count the reference's per-step numbers (lr_decay, delta) are written for: at N steps the i-th
+    step counts as step i * schedule_steps / N, so the lr falls from lr to lr / 2 and the stop threshold grows by
+    the same amount over any N (exactly the reference at N = schedule_steps). None: the per-step numbers as they
+    are, at any N."""
 
-    def lr_at(self, i: int) -> float:
-        """lr max(lr_floor, 1 - lr_decay i) at the i-th step (i = 0 at t = T): the reference's 1e-2 (1 - i / 100)
-        wherever it is defined (up to 50 steps), held at half the lr beyond (the reference's formula reaches 0
-        half-way through 200 steps, and NTI then stops optimising)."""
-        return self.lr * max(self.lr_floor, 1 - self.lr_decay * i)
+    def progress(self, i: int, num_steps: int) -> float:
+        """The i-th step (i = 0 at t = T) of ``num_steps``, in the reference's step units."""
+        return i if self.schedule_steps is None else i * self.schedule_steps / num_steps
+
+    def lr_at(self, i: int, num_steps: int) -> float:
+        """lr max(lr_floor, 1 - lr_decay i') at i' = :meth:`progress`: the reference's 1e-2 (1 - i / 100) at 50
+        steps. The floor (half the lr) only binds with ``schedule_steps`` none beyond 50 steps, where the
+        reference's formula would reach 0 (and NTI stop optimising)."""
+        return self.lr * max(self.lr_floor, 1 - self.lr_decay * self.progress(i, num_steps))
+
+    def threshold_at(self, i: int, num_steps: int) -> float:
+        """Early-stop level epsilon + i' delta at i' = :meth:`progress` (reference: 1e-5 + i 2e-5 at 50 steps)."""
+        return early_stop_threshold(self.progress(i, num_steps), self.epsilon, self.delta)
 
 
 class LaggedFlag:
@@ -108,45 +121,38 @@ def track_trajectory(
         emb = emb.detach().clone().requires_grad_(True)  # warm start from u_{k+1}, in storage of its own
         params = [emb] + ([bias.requires_grad_(True)] if with_bias else [])
         states = [AdamState.zeros_like(p) for p in params]
-        threshold = early_stop_threshold(i, settings.epsilon, settings.delta)
-        lr = settings.lr_at(i)
+        threshold = settings.threshold_at(i, n)
+        lr = settings.lr_at(i, n)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         used = torch.zeros(B, dtype=torch.long, device=dev)
         flag = LaggedFlag(dev)
         if not with_bias:
             with torch.no_grad():
                 eps_c = eps_fn(z, t, cond)  # the conditional branch once per step (NTI reference)
-        z_prev, fresh = None, False
         for _ in range(settings.num_inner_steps):
             # 1. The CFG DDIM step with the current embedding (NPI eq. 4), and its distance to z*_{k-1}.
             zt = trajectory[n] + bias if with_bias else z
             ec = eps_fn(zt, t, cond) if with_bias else eps_c
-            z_prev = ddim_step(zt, cfg(eps_fn(zt, t, emb), ec, guidance_scale), a_t, a_prev)
-            loss = per_sample_mse(z_prev, target)
-            # 2. Per-sample early stopping: loss < epsilon + i delta, decided on the device.
-            active = still_active(active, loss, threshold)
-            flag.push(active.any())
-            fresh = True
-            if not flag.read():
-                break
-            # 3. A masked Adam step on the images still active.
+            loss = per_sample_mse(ddim_step(zt, cfg(eps_fn(zt, t, emb), ec, guidance_scale), a_t, a_prev), target)
+            # 2. A masked Adam step on the images still active (the reference steps before it checks the loss).
             grads = torch.autograd.grad(loss.sum(), params)
             for p, g, s in zip(params, grads, states):
                 masked_adam_step(p, g, s, lr, active)
             used += active.long()
-            fresh = False
-        # 4. Advance without grad: reuse the last evaluation when nothing moved since.
+            # 3. Per-sample early stopping on that loss: < epsilon + i delta, decided on the device.
+            active = still_active(active, loss, threshold)
+            flag.push(active.any())
+            if not flag.read():
+                break
+        # 4. Advance without grad, with the embedding as optimised.
         with torch.no_grad():
             emb = emb.detach()  # the masked Adam updated it in place; the next step works on a copy
             if with_bias:
                 bias = bias.detach()
                 z = trajectory[n] + bias
                 z_T = z
-            if fresh and z_prev is not None:
-                z = z_prev.detach()
-            else:
-                ec = eps_fn(z, t, cond) if with_bias else eps_c
-                z = ddim_step(z, cfg(eps_fn(z, t, emb), ec, guidance_scale), a_t, a_prev)
+            ec = eps_fn(z, t, cond) if with_bias else eps_c
+            z = ddim_step(z, cfg(eps_fn(z, t, emb), ec, guidance_scale), a_t, a_prev)
             losses.append(per_sample_mse(z, target))
         embs.append(emb)
         iterations.append(used)
