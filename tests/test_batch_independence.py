@@ -6,6 +6,7 @@ import torch
 
 from diffinv import (
     BackboneConfig,
+    CycleDiffusion,
     DDIMInversion,
     LatentTrajectoryOptimization,
     NegativePromptInversion,
@@ -27,6 +28,7 @@ METHODS = {
         bb, STEPS, editor=e, proximal=ProximalGuidance(prox="l1", until_timestep=1000)),
     "proxnpi_l0": lambda bb, e: ProximalNegativePromptInversion(
         bb, STEPS, editor=e, proximal=ProximalGuidance(prox="l0", until_timestep=1000)),
+    "cycle_diffusion": lambda bb, e: CycleDiffusion(bb, STEPS, editor=e),
     "null_text": lambda bb, e: NullTextInversion(bb, STEPS, num_inner_steps=3, editor=e),
     "latent_top": lambda bb, e: LatentTrajectoryOptimization(bb, STEPS, num_inner_steps=2, num_starts=2, hops=1,
                                                              editor=e),
@@ -45,7 +47,10 @@ EDITORS = {
 # Float noise: batched and single UNet calls differ by ~1e-6. The hard threshold (eq. 9) is discontinuous, so an
 # entry of |delta| within that noise of tau can flip between kept (w tau) and dropped: a few pixels may then move
 # by up to ~2/255 (measured 0.0072 on this test's 16x16 images; before per-row thresholds: up to 103/255).
-TOLERANCE = {"proxnpi_l0": 3 / 255}
+# CycleDiffusion's stochastic chain amplifies float32 round-off through the random tiny UNet (its reconstruction is
+# off by ~1e-4 in latent space even with an identical batch; exact in float64, test_methods): within 1/255 here.
+TOLERANCE = {"proxnpi_l0": 3 / 255, "cycle_diffusion": 1 / 255}
+RECONSTRUCTION_TOLERANCE = {"cycle_diffusion": 1 / 255}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,8 @@ def test_an_edit_does_not_depend_on_its_batch_neighbours(bb, name, editor):
     tol = TOLERANCE.get(name, 2e-4)
     assert (alone.edits[0] - alone.reconstruction).abs().max() > 1e-3  # the edit does change the image
     for other in (beside, after):
-        torch.testing.assert_close(other.reconstruction, alone.reconstruction, atol=2e-4, rtol=0)
+        torch.testing.assert_close(other.reconstruction, alone.reconstruction,
+                                   atol=RECONSTRUCTION_TOLERANCE.get(name, 2e-4), rtol=0)
     for edit in (beside.edits[1], after.edits[0]):
         torch.testing.assert_close(edit, alone.edits[0], atol=tol, rtol=0)
         assert (edit - alone.edits[0]).abs().mean() < max(2e-4, tol / 8)  # the flips, if any, are rare

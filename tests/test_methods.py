@@ -118,3 +118,62 @@ def test_each_record_keeps_its_own_target_prompts(methods):
     out = run(methods["npi"], [item(0, targets=["a red car"]), item(1, targets=["a blue car", "a dog"])])
     assert out[0].inversion.meta["target_prompts"] == '["a red car"]'
     assert out[1].inversion.meta["target_prompts"] == '["a blue car", "a dog"]'
+
+
+def test_dpm_encoder_code_returns_z0_exactly_in_float64(tiny_model_dir):
+    """CycleDiffusion's exactness: the stochastic sampler with the encoder's residuals lands on z0 (float64)."""
+    from diffinv.backbone import Backbone
+    from diffinv.editing.sampler import sample
+    from diffinv.guidance import cfg
+    from diffinv.inversion.cycle_diffusion import dpm_encode
+
+    bb = Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir))).to(torch.float64)
+    schedule = bb.schedule(STEPS)
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    cond = bb.encode_prompts(["a photo of a cat", "a red car"]).double()
+    null = bb.encode_prompts(["", ""]).double()
+    for eta in (1.0, 0.3, 0.0):
+        def guided(z, t):
+            both = bb.eps(torch.cat([z, z]), t, torch.cat([cond, null]))
+            return cfg(both[2:], both[:2], 7.5)
+
+        noise = torch.randn(STEPS, *z0.shape, generator=g, dtype=torch.float64)
+        chain, residuals = dpm_encode(guided, z0, schedule, eta, noise)
+        assert torch.equal(chain[0], z0) and chain.shape[0] == STEPS + 1
+        z = sample(bb, schedule, chain[-1], cond, null, 7.5, eta=eta, step_noise=residuals)
+        torch.testing.assert_close(z, z0, atol=1e-9, rtol=0)
+
+
+def test_cycle_diffusion_reconstructs_exactly_and_edits_with_the_same_noise(tiny_model_dir):
+    from diffinv import CycleDiffusion
+
+    bb = BackboneConfig(pretrained=str(tiny_model_dir))
+    m = CycleDiffusion(bb, STEPS)
+    with torch.inference_mode():
+        r = m.predict_step([item(0)])[0]
+        (rec, edits), = m.edit([r.inversion], [["a photo of a dog"]], ["img0"])
+    inv = r.inversion
+    assert inv.extra["step_noise"].shape == (STEPS, *inv.z0.shape)
+    # float32: round-off amplified along the chain by the random tiny UNet (exact in float64, above)
+    torch.testing.assert_close(rec, inv.z0, atol=2e-3, rtol=0)
+    torch.testing.assert_close(inv.trajectory[0], inv.z0)
+    assert (edits[0] - rec).abs().max() > 1e-3
+    # the code is stochastic: z_N is not DDIM's deterministic inversion, and the residuals have the scale sigma_k
+    ddim = run(methods_for(bb)["ddim"], [item(0)])[0].inversion
+    assert (inv.trajectory[-1] - ddim.trajectory[-1]).abs().max() > 0.1
+    a_N = float(m.backbone.schedule(STEPS).alphas[-1])
+    n_T = (inv.trajectory[-1] - a_N**0.5 * inv.z0) / (1 - a_N) ** 0.5  # z_N ~ q(z_N | z0): standard normal noise
+    assert 0.7 < float(n_T.std()) < 1.3
+    with torch.inference_mode():
+        other = CycleDiffusion(bb, STEPS, seed=1).predict_step([item(0)])[0].inversion
+    assert (other.trajectory[-1] - inv.trajectory[-1]).abs().max() > 0.1  # the run seed draws another code
+    # eta = 0 is still exact (residuals, not noise / sigma, are stored)
+    with torch.inference_mode():
+        r0 = CycleDiffusion(bb, STEPS, eta=0.0).predict_step([item(0)])[0]
+        (rec0, _), = CycleDiffusion(bb, STEPS, eta=0.0).edit([r0.inversion], [[]])
+    torch.testing.assert_close(rec0, r0.inversion.z0, atol=2e-3, rtol=0)
+
+
+def methods_for(bb):
+    return {"ddim": DDIMInversion(bb, STEPS)}

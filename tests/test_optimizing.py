@@ -137,3 +137,20 @@ def test_lr_and_stop_schedules_are_the_reference_at_50_steps_and_follow_the_step
     verbatim = TrackingSchedule(schedule_steps=None)
     assert abs(verbatim.threshold_at(150, 200) - (1e-5 + 150 * 2e-5)) < 1e-15
     assert min(verbatim.lr_at(i, 200) for i in range(200)) == 0.5e-2  # floored where 1 - i / 100 would reach 0
+
+
+def test_proxnpi_on_a_null_text_record_keeps_its_reconstruction_and_thresholds_only_edits(bb):
+    """The proximal operator acts on an edit's delta only: a null-text record's reconstruction row stays its own
+    CFG reconstruction (its delta eps(C) - eps(null_t) is not thresholded); guidances off to compare exactly."""
+    from diffinv import ProximalGuidance, ProximalNegativePromptInversion
+
+    r = nti(bb, num_inner_steps=3).run_batch([item(0)])[0]
+    off = ProximalGuidance(reconstruction_guidance=False, inversion_guidance=False)
+    prox = ProximalNegativePromptInversion(bb, STEPS, proximal=off)
+    with torch.inference_mode():
+        (rec, edits), = prox.edit([r.inversion], [["a photo of a dog"]])
+        (nti_rec, nti_edits), = nti(bb).edit([r.inversion], [["a photo of a dog"]])
+        images = prox.backbone.decode(torch.stack([rec, *edits]))
+    torch.testing.assert_close(images[0], r.reconstruction, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec, nti_rec, atol=1e-6, rtol=0)
+    assert (edits[0] - nti_edits[0]).abs().max() > 1e-3  # the edit's delta is thresholded

@@ -4,6 +4,7 @@ from .backbone import Backbone, BackboneConfig
 from .errors import DiffinvError
 from .guidance import ProximalGuidance
 from .inversion import (
+    CycleDiffusion,
     DDIMInversion,
     Inversion,
     InversionMethod,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backbone",
     "BackboneConfig",
+    "CycleDiffusion",
     "DDIMInversion",
     "DiffinvError",
     "Inversion",

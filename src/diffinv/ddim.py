@@ -78,3 +78,27 @@ def invert(eps_fn: EpsFn, z0: Tensor, schedule: Schedule) -> Tensor:
         z = ddim_step(z, eps_fn(z, t), schedule.alphas[k - 1], schedule.alphas[k])
         trajectory.append(z)
     return torch.stack(trajectory)
+
+
+# --- stochastic DDIM (eta > 0): CycleDiffusion's sampler and DPM-Encoder ---------------------------------------------
+def ddim_sigma(alpha_from: Tensor | float, alpha_to: Tensor | float, eta: float) -> Tensor:
+    """sigma of the DDIM step from level alpha_from to the less noisy alpha_to (DDIM paper eq. 16):
+    eta sqrt((1 - a_to) / (1 - a_from)) sqrt(1 - a_from / a_to); eta = 1 is DDPM's posterior variance."""
+    a_from, a_to = torch.as_tensor(alpha_from, dtype=torch.float64), torch.as_tensor(alpha_to, dtype=torch.float64)
+    return eta * ((1 - a_to) / (1 - a_from)).sqrt() * (1 - a_from / a_to).sqrt()
+
+
+def ddim_mean(x0: Tensor, eps: Tensor, alpha_to: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """Mean of the step's target (DDIM paper eq. 12): sqrt(a_to) x0 + sqrt(1 - a_to - sigma^2) eps."""
+    a_to = torch.as_tensor(alpha_to, dtype=x0.dtype, device=x0.device)
+    sigma = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
+    return a_to.sqrt() * x0 + (1 - a_to - sigma**2).sqrt() * eps
+
+
+def posterior_sample(z: Tensor, x0: Tensor, alpha_from: Tensor | float, alpha_to: Tensor | float,
+                     sigma: Tensor | float, noise: Tensor) -> Tensor:
+    """A draw of q_sigma(z_to | z_from = z, x0) (DDIM paper eq. 7): the mean of eq. 12 with the noise that z
+    really holds, (z - sqrt(a_from) x0) / sqrt(1 - a_from), plus sigma noise."""
+    a_from = torch.as_tensor(alpha_from, dtype=z.dtype, device=z.device)
+    true_eps = (z - a_from.sqrt() * x0) / (1 - a_from).sqrt()
+    return ddim_mean(x0, true_eps, alpha_to, sigma) + torch.as_tensor(sigma, dtype=z.dtype, device=z.device) * noise

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import Backbone
-from ..ddim import Schedule, from_x0, predict_x0
+from ..ddim import Schedule, ddim_mean, ddim_sigma, from_x0, predict_x0
 from ..guidance import ProximalGuidance, cfg, proximal_eps
 
 
@@ -31,6 +31,8 @@ def sample(
     trajectory: Tensor | None = None,
     controller=None,
     start_level: int | None = None,
+    eta: float = 0.0,
+    step_noise: Tensor | None = None,
 ) -> Tensor:
     """Latents z_0 (B, C, h, w) reached from z_T by N reverse DDIM steps (NPI eq. 2).
 
@@ -50,6 +52,10 @@ def sample(
         controller: Prompt-to-Prompt's :class:`AttentionController`, already installed on the UNet; told the
             step index, and given the latents after each step (local blend).
         start_level: Start at this level instead of N (SDEdit): ``z_T`` is then the latent of that level.
+        eta: Stochastic DDIM (DDIM paper eq. 12/16) with the given noise: the step from level k moves to the
+            mean sqrt(a) x0 + sqrt(1 - a - sigma_k^2) eps, plus ``step_noise[k-1]``.
+        step_noise: (N, B, C, h, w) the sigma_k n_k added after each step (CycleDiffusion's latent code); None:
+            deterministic DDIM (eta is then ignored).
     """
     B = z_T.shape[0]
     n = schedule.num_steps
@@ -88,7 +94,10 @@ def sample(
         guide = proximal is not None and int(t) < proximal.until_timestep
         if guide and proximal.reconstruction_guidance:
             x0 = x0 - proximal.step_size * keep * (x0 - z0)  # Alg. 1 line 10
-        z = from_x0(x0, eps, a_prev)
+        if step_noise is None:
+            z = from_x0(x0, eps, a_prev)
+        else:  # stochastic DDIM with the given noise (CycleDiffusion)
+            z = ddim_mean(x0, eps, a_prev, ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)) + step_noise[k - 1]
         if guide and proximal.inversion_guidance:
             z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
         if controller is not None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import hashlib
-
 import torch
 from torch import Tensor
 
 from ..ddim import Schedule, from_x0
 from ..errors import DiffinvError
+from ..seeds import keyed_normal
 from .prompt_to_prompt import Editor
 
 
@@ -41,13 +40,5 @@ class SDEdit(Editor):
         k = self.start_level(schedule.num_steps)
         if self.start_from == "inversion":
             return trajectory[k]
-        noise = torch.stack([torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(edit_seed(self.seed, *key)))
-                             for key in keys]).to(z0)
+        noise = torch.stack([keyed_normal(tuple(z0.shape[1:]), self.seed, *key) for key in keys]).to(z0)
         return from_x0(z0, noise, schedule.alphas[k].to(z0.dtype))
-
-
-def edit_seed(seed: int, item_id: str, target_prompt: str) -> int:
-    """A 63-bit seed of one edit from the run seed, the item's id and the target prompt (stable across runs and
-    processes, unlike Python's ``hash``)."""
-    digest = hashlib.sha256(f"{seed}\0{item_id}\0{target_prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -1,6 +1,7 @@
 """Inversion methods, one per file, and the Inversion record."""
 
 from .base import InversionMethod, ItemResult
+from .cycle_diffusion import CycleDiffusion
 from .ddim import DDIMInversion
 from .latent_top import LatentTrajectoryOptimization
 from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
@@ -8,6 +9,7 @@ from .null_text import NullTextInversion
 from .record import Inversion
 
 __all__ = [
+    "CycleDiffusion",
     "DDIMInversion",
     "Inversion",
     "InversionMethod",

@@ -90,10 +90,10 @@ class InversionMethod(L.LightningModule):
         return None
 
     # --- hooks ------------------------------------------------------------------------------------------------
-    def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
+    def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule, ids: list[str] | None = None) -> dict:
         """DDIM inversion at w = 1 with the source prompt (NPI eq. 3), then :meth:`optimize`. Returns Inversion
         fields per batch: ``trajectory`` (N + 1, B, ...) plus any of ``unconditional`` (B, N, L, D), ``z_T``,
-        ``extra``."""
+        ``extra``. ``ids``: the items' ids (a stochastic method seeds each item's noise with its id)."""
         with torch.no_grad():
             trajectory = invert(lambda z, t: self.backbone.eps(z, t, source_emb), z0, schedule)
         return {"trajectory": trajectory, **self.optimize(trajectory, source_emb, schedule)}
@@ -105,6 +105,14 @@ class InversionMethod(L.LightningModule):
     def unconditional(self, inversion: Inversion) -> Tensor:
         """Unconditional embedding of this method's sampling: (L, D) or per step (N, L, D)."""
         raise NotImplementedError
+
+    eta: ClassVar[float] = 0.0
+    """Stochastic DDIM's eta of sampling, used with :meth:`step_noise` (0: deterministic DDIM)."""
+
+    def step_noise(self, inversion: Inversion) -> Tensor | None:
+        """(N, C, h, w) the noise sigma_k n_k sampling adds after the step from level k (index k - 1), or None
+        (deterministic DDIM). Edits share their source's noise."""
+        return None
 
     def unconditional_is_source(self, inversion: Inversion) -> bool:
         """True where :meth:`unconditional` returns the source prompt's embedding (NPI): the reconstruction row's
@@ -122,7 +130,7 @@ class InversionMethod(L.LightningModule):
         schedule = self.backbone.schedule(self.num_inference_steps)
         source_emb = self.backbone.encode_prompts([i.source_prompt for i in items])
         z0 = self.backbone.encode_image(images)
-        out = self.invert_latents(z0, source_emb, schedule)
+        out = self.invert_latents(z0, source_emb, schedule, ids=[i.id for i in items])
         records = []
         for b, item in enumerate(items):
             records.append(Inversion(
@@ -161,6 +169,7 @@ class InversionMethod(L.LightningModule):
         uncond = [self.unconditional(inv).to(dev) for inv in inversions]
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
+        noise = [self.step_noise(inv) for inv in inversions]
         first_row = {}
         for r, (g, _, _) in enumerate(rows):
             first_row.setdefault(g, r)
@@ -180,6 +189,8 @@ class InversionMethod(L.LightningModule):
                 edit_rows=torch.tensor([rows[r][2] is not None for r in picked], device=dev),
                 z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
                 trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
+                eta=self.eta,
+                step_noise=None if noise[0] is None else torch.stack([noise[rows[r][0]] for r in picked], dim=1).to(dev),
                 **kw,
             )
 

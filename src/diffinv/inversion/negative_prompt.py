@@ -31,7 +31,12 @@ class NegativePromptInversion(InversionMethod):
 
 class ProximalNegativePromptInversion(NegativePromptInversion):
     """ProxNPI: NPI whose guidance delta eps_tar - eps_src goes through a proximal operator (Alg. 1), with
-    reconstruction and inversion guidance restoring the unedited region."""
+    reconstruction and inversion guidance restoring the unedited region.
+
+    The operator acts on the edit rows' delta only. On a saved null-text or latent-TOP record (``--data.records``)
+    eps_src is the record's per-step null embedding's prediction: the edits are thresholded against it, and the
+    reconstruction row stays the record's own CFG reconstruction, pulled towards the source latent by the
+    guidances (its whole image counts as unedited)."""
 
     method_name = "proxnpi"
 
