@@ -1,6 +1,7 @@
 """`diffinv bench`: every bench config through the real command on tiny components; the aggregation."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +15,7 @@ BENCH_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("bench_*.yaml"))
 
 
 def test_every_bench_config_is_covered():
-    assert BENCH_CONFIGS == ["bench_editing.yaml", "bench_reconstruction.yaml", "bench_steps.yaml"]
+    assert BENCH_CONFIGS == ["bench_editing.yaml", "bench_reconstruction.yaml", "bench_robustness.yaml", "bench_steps.yaml"]
 
 
 @pytest.mark.parametrize("config", BENCH_CONFIGS)
@@ -24,7 +25,10 @@ def test_bench_config_runs_and_reports(config, tiny_model_dir, tmp_path, monkeyp
     args = ("[--data.manifest, src/diffinv/examples/bench/captions.jsonl, --data.limit, '3', --data.batch_size, '3', "
             f"--model.backbone.pretrained, {tiny_model_dir}, --writer.lpips, '[alex]']")
     steps = ["--steps", "[2, 3]"] if config == "bench_steps.yaml" else ["--steps", "[2]"]
-    extra = {"bench_reconstruction.yaml": [], "bench_steps.yaml": [], "bench_editing.yaml": []}[config]
+    # robustness: 30 runs; one per method, covering every perturbation, keeps the test short
+    robustness = ["DDIB (clean)", "CycleDiffusion (noise 5)", "NPI (synonym)", "NTI (word dropped)", "latent-TOP (noise 20)"]
+    extra = {"bench_reconstruction.yaml": [], "bench_steps.yaml": [], "bench_editing.yaml": [],
+             "bench_robustness.yaml": ["--only", str(robustness)]}[config]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     main(["bench", "-c", str(REPO / "configs" / config), "--output_dir", str(out), "--args", args, *steps, *extra])
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -44,6 +48,12 @@ def test_bench_config_runs_and_reports(config, tiny_model_dir, tmp_path, monkeyp
         assert {r["metric"] for r in rows} >= {"shapes_edit_accuracy", "shapes_others_kept"}
     if config == "bench_steps.yaml":
         assert {r["steps"] for r in psnr} == {"2", "3"}
+    if config == "bench_robustness.yaml":
+        assert labels == set(robustness)
+        lines = [json.loads(x) for x in (out / "NPI (synonym)" / "steps-2" / "metrics.jsonl").read_text().splitlines()]
+        assert any(x.get("caption_before_perturbation") for x in lines)
+        lines = [json.loads(x) for x in (out / "latent-TOP (noise 20)" / "steps-2" / "metrics.jsonl").read_text().splitlines()]
+        assert all(x["pixel_noise"] == 20 for x in lines)
 
 
 def test_mean_ci_counts_non_finite_values_and_never_averages_them():

@@ -144,3 +144,31 @@ def test_benchmark_sources_fail_clearly(tmp_path):
     (tmp_path / "captions.json").write_text('{"images": []}')
     with pytest.raises(DiffinvError, match="is not a COCO captions file"):
         InversionData(coco_captions=str(tmp_path / "captions.json")).setup()
+
+
+def test_perturbations_are_seeded_per_item_and_do_what_they_say():
+    from diffinv.data import Item, Perturbation
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, (64, 64, 3)).astype(np.uint8)
+    a = Item("a", image, "a big red circle on a white background")
+    b = Item("b", image, "a big red circle on a white background")
+    noisy = Perturbation(pixel_noise=10, seed=1)
+    once, again, other = noisy.apply(a), noisy.apply(a), noisy.apply(b)
+    assert np.array_equal(once.image, again.image) and not np.array_equal(once.image, other.image)
+    assert abs(float((once.image.astype(float) - image).std()) - 10) < 0.5 and once.meta["pixel_noise"] == 10
+    assert np.array_equal(a.image, image)  # the original is untouched
+    dropped = Perturbation(caption="drop_word", seed=3).apply(a)
+    words = a.source_prompt.split()
+    assert len(dropped.source_prompt.split()) == len(words) - 1
+    gone = [w for w in words if w not in dropped.source_prompt.split()]
+    assert len(gone) == 1 and len(gone[0]) >= 3
+    assert dropped.meta["caption_before_perturbation"] == a.source_prompt
+    swapped = Perturbation(caption="replace_word", neighbours={"circle": "disc", "big": "large"}).apply(a)
+    assert swapped.source_prompt in ("a large red circle on a white background", "a big red disc on a white background")
+    untouched = Perturbation(caption="replace_word", neighbours={"dog": "hound"}).apply(a)
+    assert untouched.source_prompt == a.source_prompt and "caption_before_perturbation" not in untouched.meta
+    with pytest.raises(DiffinvError, match="neighbours"):
+        Perturbation(caption="replace_word")
+    with pytest.raises(DiffinvError, match="pixel_noise"):
+        Perturbation(pixel_noise=-1)

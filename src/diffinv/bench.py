@@ -199,8 +199,23 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
 
 
 def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
-              table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None) -> list[dict]:
-    """Run every (run, step count), then aggregate (see the module docstring)."""
+              table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None,
+              only: list[str] | None = None) -> list[dict]:
+    """Run every (run, step count), then aggregate (see the module docstring).
+
+    Args:
+        runs: The methods (label, config, extra options).
+        output_dir: Where each run writes (OUTPUT_DIR/<label>/steps-<N>/) and the reports go.
+        steps: Step counts to run each method at; none: each config's own.
+        table: Which metrics the report shows.
+        args: Extra command-line options for every run (e.g. another model or data set).
+        only: Run and report only the runs with these labels (e.g. to redo a few).
+    """
+    if only:
+        unknown = sorted(set(only) - {r.label for r in runs})
+        if unknown:
+            raise DiffinvError(f"--only names no run of this benchmark: {', '.join(unknown)}")
+        runs = [r for r in runs if r.label in only]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(run, n) for run in runs for n in (steps or [None])]
@@ -236,4 +251,4 @@ def main(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
     init = parser.instantiate_classes(cfg)
-    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args")})
+    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args", "only")})

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -253,6 +254,56 @@ def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[
     return items
 
 
+@dataclass
+class Perturbation:
+    """Perturbed inputs, to measure robustness (latent-TOP §3.1-3.2): noisy pixels, a changed caption. Every draw
+    is seeded per (seed, item id), so an item is perturbed the same alone or in any batch."""
+
+    pixel_noise: float = 0.0
+    """Standard deviation (0-255 scale) of Gaussian noise added to each image at its own size, then rounded and
+    clipped to 8 bits (the paper: 5, 10, 20). PSNR is then measured against the noisy image the method sees."""
+    caption: Literal["none", "drop_word", "replace_word"] = "none"
+    """'drop_word': one word of 3+ letters removed from the source prompt; 'replace_word': one word found in
+    ``neighbours`` replaced by its neighbour (the paper: 'teddy bear' -> 'brown toy bear')."""
+    neighbours: dict[str, str] = field(default_factory=dict)
+    """Word -> synonym-like neighbour for 'replace_word' (e.g. {"big": "large"}); an item with none of these
+    words keeps its caption (said in one line)."""
+    seed: int = 0
+    """Seed of the noise and of the word drawn."""
+
+    def __post_init__(self):
+        if self.pixel_noise < 0:
+            raise DiffinvError(f"perturb.pixel_noise must be >= 0, got {self.pixel_noise}")
+        if self.caption == "replace_word" and not self.neighbours:
+            raise DiffinvError("perturb.caption 'replace_word' needs perturb.neighbours, e.g. '{\"big\": \"large\"}'")
+
+    def apply(self, item: Item) -> Item:
+        """The item with its image and source prompt perturbed; what changed goes into its metadata."""
+        from .seeds import keyed_seed
+
+        rng = np.random.default_rng(keyed_seed(self.seed, item.id, "perturb"))
+        meta = dict(item.meta)
+        image, prompt = item.image, item.source_prompt
+        if self.pixel_noise > 0:
+            noisy = image.astype(np.float64) + rng.normal(0.0, self.pixel_noise, image.shape)
+            image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+            meta["pixel_noise"] = self.pixel_noise
+        words = prompt.split()
+        if self.caption == "drop_word":
+            candidates = [k for k, w in enumerate(words) if len(w.strip(".,;:!?")) >= 3]
+            if candidates and len(words) > 1:
+                k = candidates[rng.integers(len(candidates))]
+                prompt = " ".join(words[:k] + words[k + 1:])
+        elif self.caption == "replace_word":
+            candidates = [k for k, w in enumerate(words) if w.lower() in self.neighbours]
+            if candidates:
+                k = candidates[rng.integers(len(candidates))]
+                prompt = " ".join(words[:k] + [self.neighbours[words[k].lower()]] + words[k + 1:])
+        if prompt != item.source_prompt:
+            meta["caption_before_perturbation"] = item.source_prompt
+        return Item(item.id, image, prompt, item.target_prompts, item.resolution, item.square, item.inversion, meta)
+
+
 def collate(items: list[Item | None]) -> list[Item]:
     return [i for i in items if i is not None]
 
@@ -306,6 +357,7 @@ class InversionData(L.LightningDataModule):
         limit: int | None = None,
         seed: int = 0,
         batch_size: int = 1,
+        perturb: Perturbation | None = None,
         output_dir: str | None = None,
     ):
         """
@@ -327,6 +379,8 @@ class InversionData(L.LightningDataModule):
             limit: Use this many items: the first ones (COCO: a random draw seeded by ``seed``).
             seed: Seed of the COCO draw.
             batch_size: Images inverted together in one step.
+            perturb: Perturb the inputs (pixel noise, a dropped or replaced caption word) to measure robustness;
+                none: the inputs as they are.
             output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
         """
         super().__init__()
@@ -348,6 +402,9 @@ class InversionData(L.LightningDataModule):
         self.pie_bench, self.coco_captions, self.coco_images = pie_bench, coco_captions, coco_images
         self.limit, self.seed = limit, seed
         self.batch_size, self.output_dir = batch_size, output_dir
+        self.perturb = perturb
+        if perturb is not None and records is not None:
+            raise DiffinvError("--data.perturb perturbs images to invert: it does not apply to --data.records")
         self.items: list[Item] | None = None
         self.skipped: list[str] = []
 
@@ -380,6 +437,12 @@ class InversionData(L.LightningDataModule):
         if self.items is not None:
             return
         items = build_items(self.rows(), self.resolution, self.square)
+        if self.perturb is not None:
+            items = [self.perturb.apply(i) for i in items]
+            unchanged = [i.id for i in items if self.perturb.caption != "none" and "caption_before_perturbation" not in i.meta]
+            if unchanged:
+                print(f"diffinv: {len(unchanged)} item(s) have no word to {self.perturb.caption.replace('_', ' ')}: "
+                      f"their captions are unchanged ({', '.join(unchanged[:5])}{'...' if len(unchanged) > 5 else ''})")
         if self.output_dir is not None:
             done = {i.id for i in items if (Path(self.output_dir) / i.id / DONE_MARKER).exists()}
             self.skipped = sorted(done)
