@@ -4,6 +4,7 @@ import torch
 
 from diffinv import (
     BackboneConfig,
+    CycleDiffusion,
     DDIMInversion,
     Inversion,
     NegativePromptInversion,
@@ -37,6 +38,7 @@ def methods(tiny_model_dir):
         "prox_zero": ProximalNegativePromptInversion(
             bb, STEPS, proximal=ProximalGuidance(quantile=0.0, reconstruction_guidance=False, inversion_guidance=False)),
         "prox": ProximalNegativePromptInversion(bb, STEPS, proximal=ProximalGuidance(until_timestep=1000)),
+        "cycle": CycleDiffusion(bb, STEPS),
     }
 
 
@@ -99,7 +101,7 @@ def test_mixed_image_sizes_in_one_batch(methods):
     assert out[0].source.shape[-2:] == (24, 24) and out[1].source.shape[-2:] == (16, 16)
 
 
-@pytest.mark.parametrize("name", ["npi", "prox", "ddim"])
+@pytest.mark.parametrize("name", ["npi", "prox", "ddim", "cycle"])
 def test_saved_record_reproduces_reconstruction_bit_for_bit(methods, name, tmp_path):
     m = methods[name]
     r = run(m, [item()])[0]
@@ -177,3 +179,15 @@ def test_cycle_diffusion_reconstructs_exactly_and_edits_with_the_same_noise(tiny
 
 def methods_for(bb):
     return {"ddim": DDIMInversion(bb, STEPS)}
+
+
+def test_another_method_samples_a_cycle_diffusion_record_with_its_code(methods, tmp_path):
+    r = run(methods["cycle"], [item()])[0]
+    loaded = Inversion.load(r.inversion.save(tmp_path / "inv.safetensors"))
+    assert loaded.meta["eta"] == "1.0" and loaded.extra["step_noise"].shape[0] == STEPS
+    with torch.inference_mode():
+        (rec, _), = methods["ddim"].edit([loaded], [[]])  # DDIM's null-prompt CFG is CycleDiffusion's: exact again
+        (npi_rec, _), = methods["npi"].edit([loaded], [[]])
+    torch.testing.assert_close(rec, r.inversion.z0, atol=2e-3, rtol=0)
+    assert (npi_rec - rec).abs().max() > 1e-3  # another unconditional branch, the same noise
+    assert torch.isfinite(npi_rec).all()

@@ -90,6 +90,49 @@ def test_latent_top_biases_and_multi_start(bb):
     assert one.extra["step_loss"][0] >= many.extra["step_loss"][0] - 1e-6 or many.extra["start_losses"].argmin() == 0
 
 
+def test_latent_top_starts_are_ranked_by_their_whole_trajectory_loss(bb):
+    """A start's initial loss is the whole-trajectory loss of its rollout before any per-step optimisation."""
+    from diffinv.ddim import invert
+    from diffinv.inversion.latent_top import trajectory_loss
+
+    m = LatentTrajectoryOptimization(bb, STEPS, num_starts=4, hops=0, num_inner_steps=1)
+    r = m.run_batch([item(0)])[0].inversion
+    cond = m.backbone.encode_prompts([item(0).source_prompt])
+    null = m.backbone.encode_prompts([""])
+    schedule = m.backbone.schedule(STEPS)
+    with torch.no_grad():
+        traj = invert(lambda z, t: m.backbone.eps(z, t, cond), r.z0[None], schedule)
+        prior = trajectory_loss(m.backbone.eps, schedule, traj, cond, null, 7.5, traj[-1])
+    torch.testing.assert_close(r.extra["start_losses"][0], prior[0], rtol=1e-4, atol=0)
+    assert int(r.extra["start_chosen"]) == int(r.extra["start_losses"].argmin())
+
+
+def test_trajectory_loss_recomputed_steps_give_the_same_value_and_gradient(bb):
+    from diffinv.inversion.latent_top import trajectory_loss
+
+    m = nti(bb)
+    schedule = m.backbone.schedule(STEPS)
+    cond, null = m.backbone.encode_prompts(["a photo of a cat"]), m.backbone.encode_prompts([""])
+    g = torch.Generator().manual_seed(0)
+    traj = torch.randn(STEPS + 1, 1, 4, 8, 8, generator=g)
+    results = []
+    for recompute in (False, True):
+        z = traj[-1].clone().requires_grad_(True)
+        loss = trajectory_loss(m.backbone.eps, schedule, traj, cond, null, 7.5, z, recompute=recompute)
+        results.append((loss.detach(), torch.autograd.grad(loss.sum(), [z])[0]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
+
+
+def test_noise_bias_rounds_move_z_T_along_the_whole_trajectory_gradient(bb):
+    plain = LatentTrajectoryOptimization(bb, STEPS, num_starts=1, hops=0, num_inner_steps=2).run_batch([item(0)])[0]
+    rounds = LatentTrajectoryOptimization(bb, STEPS, num_starts=1, hops=0, num_inner_steps=2, noise_bias_rounds=2,
+                                          noise_bias_lr=0.05).run_batch([item(0)])[0]
+    assert rounds.inversion.extra["round_losses"].shape == (2,)
+    assert (rounds.inversion.z_T - plain.inversion.z_T).abs().max() > 1e-3
+
+
 def test_backbone_stays_out_of_checkpoints(bb):
     m = nti(bb)
     m.configure_model()

@@ -106,14 +106,6 @@ class InversionMethod(L.LightningModule):
         """Unconditional embedding of this method's sampling: (L, D) or per step (N, L, D)."""
         raise NotImplementedError
 
-    eta: ClassVar[float] = 0.0
-    """Stochastic DDIM's eta of sampling, used with :meth:`step_noise` (0: deterministic DDIM)."""
-
-    def step_noise(self, inversion: Inversion) -> Tensor | None:
-        """(N, C, h, w) the noise sigma_k n_k sampling adds after the step from level k (index k - 1), or None
-        (deterministic DDIM). Edits share their source's noise."""
-        return None
-
     def unconditional_is_source(self, inversion: Inversion) -> bool:
         """True where :meth:`unconditional` returns the source prompt's embedding (NPI): the reconstruction row's
         two branches then coincide and are computed once."""
@@ -169,7 +161,10 @@ class InversionMethod(L.LightningModule):
         uncond = [self.unconditional(inv).to(dev) for inv in inversions]
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
-        noise = [self.step_noise(inv) for inv in inversions]
+        codes = [stochastic_code(inv) for inv in inversions]
+        if len({None if c is None else c[1] for c in codes}) > 1:
+            raise DiffinvError("records of stochastic (CycleDiffusion) and deterministic inversions, or of different "
+                               "eta, cannot be sampled in one batch")
         first_row = {}
         for r, (g, _, _) in enumerate(rows):
             first_row.setdefault(g, r)
@@ -189,8 +184,8 @@ class InversionMethod(L.LightningModule):
                 edit_rows=torch.tensor([rows[r][2] is not None for r in picked], device=dev),
                 z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
                 trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
-                eta=self.eta,
-                step_noise=None if noise[0] is None else torch.stack([noise[rows[r][0]] for r in picked], dim=1).to(dev),
+                eta=0.0 if codes[0] is None else codes[0][1],
+                step_noise=None if codes[0] is None else torch.stack([codes[rows[r][0]][0] for r in picked], dim=1).to(dev),
                 **kw,
             )
 
@@ -300,6 +295,15 @@ class InversionMethod(L.LightningModule):
 
     def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
         return self.run_batch(batch)
+
+
+def stochastic_code(inv: Inversion) -> tuple[Tensor, float] | None:
+    """(N, C, h, w) noise sigma_k n_k that sampling adds after the step from level k (index k - 1), and the eta of
+    that stochastic DDIM, where the record holds them (CycleDiffusion's latent code: any method samples such a
+    record with it, edits sharing their source's noise); None: deterministic DDIM."""
+    if "step_noise" not in inv.extra:
+        return None
+    return inv.extra["step_noise"], float(inv.meta.get("eta", 1.0))
 
 
 def optimization_summary(inv: Inversion) -> dict:

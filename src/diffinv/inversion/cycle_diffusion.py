@@ -49,8 +49,9 @@ def dpm_encode(eps_fn: Callable[[Tensor, Tensor], Tensor], z0: Tensor, schedule:
 class CycleDiffusion(InversionMethod):
     """CycleDiffusion: DPM-Encoder inversion under the method's CFG, stochastic DDIM sampling with the stored
     noise. Reconstruction is exact by construction; edits keep the source's noise with the target prompt (the
-    paper's zero-shot text-guided editing). Record: the chain as ``trajectory`` and the residuals as
-    ``extra.step_noise`` (N x latent floats: 3.3 MB per image at SD 512^2, 50 steps)."""
+    paper's zero-shot text-guided editing). Record: the chain as ``trajectory``, the residuals as
+    ``extra.step_noise`` (N x latent floats: 3.3 MB per image at SD 512^2, 50 steps) and eta in its metadata;
+    another method editing the record samples with the same code."""
 
     method_name = "cycle_diffusion"
 
@@ -78,9 +79,6 @@ class CycleDiffusion(InversionMethod):
     def unconditional(self, inversion: Inversion) -> Tensor:
         return self.backbone.encode_prompts([""])[0]  # CFG with the null prompt, as the paper
 
-    def step_noise(self, inversion: Inversion) -> Tensor:
-        return inversion.extra["step_noise"]
-
     def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule, ids: list[str] | None = None) -> dict:
         ids = ids if ids is not None else [str(b) for b in range(z0.shape[0])]
         null = self.backbone.encode_prompts([""]).expand_as(source_emb)
@@ -93,4 +91,5 @@ class CycleDiffusion(InversionMethod):
 
         with torch.no_grad():
             chain, residuals = dpm_encode(guided_eps, z0, schedule, self.eta, noise)
-        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)}}
+        # the code any method samples this record with (diffinv.inversion.base.stochastic_code)
+        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)}, "meta": {"eta": repr(self.eta)}}

@@ -57,8 +57,8 @@ class NullTextInversion(OptimizingInversion):
             init: Start of the first step's embedding: 'source' (the source prompt: negative-prompt inversion's
                 solution, NPI eq. 6, as a warm start) or 'null' (the null prompt, as the NTI paper). We differ
                 from the paper on purpose: from 'null', 10 inner steps do not converge at few sampling steps
-                (12 held-out shapes scenes: 28.8 dB at 10 steps, 31.5 at 20, vs 33.1 from 'source' and NPI's
-                33.0), and 'source' is never worse than NPI. configs/reference/null_text.yaml is the paper's.
+                (12 held-out shapes scenes: 28.8 dB at 10 steps and 31.5 at 20, vs 33.1 from 'source' and
+                NPI's 32.2 and 32.7; equal at 50 steps). configs/reference/null_text.yaml is the paper's.
             editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
