@@ -31,10 +31,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 from diffinv import (  # noqa: E402
     BackboneConfig,
+    CycleDiffusion,
     DDIMInversion,
     LatentTrajectoryOptimization,
     NegativePromptInversion,
     NullTextInversion,
+    ProximalGuidance,
     ProximalNegativePromptInversion,
 )
 from diffinv.data import Item  # noqa: E402
@@ -46,8 +48,11 @@ INVERSIONS = {
     "DDIM": DDIMInversion,
     "NPI": NegativePromptInversion,
     "ProxNPI": ProximalNegativePromptInversion,
+    "ProxNPI (authors' code)": lambda *a, **k: ProximalNegativePromptInversion(  # configs/reference/proxnpi.yaml
+        *a, proximal=ProximalGuidance(prox="authors_l0", scope="item", mask_from="shrunk"), **k),
     "NTI": NullTextInversion,
-    "latent-TOP": lambda *a, **k: LatentTrajectoryOptimization(*a, num_starts=5, **k),
+    "latent-TOP": LatentTrajectoryOptimization,
+    "CycleDiffusion": CycleDiffusion,
 }
 EDITORS = {
     "none": lambda: None,
@@ -101,7 +106,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=321)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--inversions", nargs="+", default=["DDIM", "NPI", "ProxNPI", "NTI"])
+    p.add_argument("--inversions", nargs="+",
+                   default=["DDIM", "NPI", "ProxNPI", "ProxNPI (authors' code)", "NTI", "CycleDiffusion"])
     p.add_argument("--editors", nargs="+", default=list(EDITORS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_editing")

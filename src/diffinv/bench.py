@@ -209,16 +209,16 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
         steps: Step counts to run each method at; none: each config's own.
         table: Which metrics the report shows.
         args: Extra command-line options for every run (e.g. another model or data set).
-        only: Run and report only the runs with these labels (e.g. to redo a few).
+        only: Run only the runs with these labels (e.g. to redo a few after deleting their folders); the report
+            still covers every run whose results are in ``output_dir``.
     """
     if only:
         unknown = sorted(set(only) - {r.label for r in runs})
         if unknown:
             raise DiffinvError(f"--only names no run of this benchmark: {', '.join(unknown)}")
-        runs = [r for r in runs if r.label in only]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(run, n) for run in runs for n in (steps or [None])]
+    plan = [(run, n) for run in runs if not only or run.label in only for n in (steps or [None])]
     started = time.perf_counter()
     for k, (run, n) in enumerate(plan):
         config = _config_path(run.config)

@@ -7,8 +7,11 @@ DPM-Encoder (their §3.1, with the DDIM paper's eq. 7/12/16 at eta):
     z_{k-1} ~ q_sigma(z_{k-1} | z_k, z0) for k = N .. 2, and z_0 = z0
     r_k = z_{k-1} - mean_theta(z_k, k), the sigma_k n_k that makes the sampler step land on z_{k-1}
 where mean_theta = sqrt(a_{k-1}) x0_hat + sqrt(1 - a_{k-1} - sigma_k^2) eps~ under the method's CFG. Sampling
-from z_N with the stored r_k returns z0 exactly (up to float), for any sigma (the residual is stored, not
-r_k / sigma_k, so eta = 0 or a final sigma of 0 need no division).
+from z_N with the stored r_k returns z0 exactly in exact arithmetic, for any sigma (the residual is stored, not
+r_k / sigma_k, so eta = 0 or a final sigma of 0 need no division). In floating point it is exact only where the
+sampler is stable: under CFG 7.5 each step amplifies the previous steps' round-off (measured on the shapes model,
+4 scenes, 50 steps: latent error at most 4e-2 in float32 and 7e-11 in float64 at w = 7.5; 2e-6 in float32 at
+w = 1), which is why its reconstruction is "approximate" in latent-TOP's Fig. 2 and ours is 29 dB, not 33.
 """
 
 from __future__ import annotations
