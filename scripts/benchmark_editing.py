@@ -51,6 +51,7 @@ INVERSIONS = {
     "ProxNPI (authors' code)": lambda *a, **k: ProximalNegativePromptInversion(  # configs/reference/proxnpi.yaml
         *a, proximal=ProximalGuidance(prox="authors_l0", scope="item", mask_from="shrunk"), **k),
     "NTI": NullTextInversion,
+    "NTI (source init)": lambda *a, **k: NullTextInversion(*a, init="source", **k),
     "latent-TOP": LatentTrajectoryOptimization,
     "CycleDiffusion": CycleDiffusion,
 }

@@ -41,9 +41,9 @@ METHODS = {
     "DDIM+CFG": lambda bb, n: DDIMInversion(bb, n),
     "NPI": lambda bb, n: NegativePromptInversion(bb, n),
     "ProxNPI": lambda bb, n: ProximalNegativePromptInversion(bb, n),
-    "NTI": lambda bb, n: NullTextInversion(bb, n),  # warm-started from the source prompt (NPI's solution)
-    "NTI (null init, paper)": lambda bb, n: NullTextInversion(bb, n, init="null"),
-    "NTI (null init, lr 3e-2)": lambda bb, n: NullTextInversion(bb, n, init="null", lr=3e-2),
+    "NTI": lambda bb, n: NullTextInversion(bb, n),  # schedules follow the step count (the reference at 50)
+    "NTI (source init)": lambda bb, n: NullTextInversion(bb, n, init="source"),
+    "NTI (reference formulas)": lambda bb, n: NullTextInversion(bb, n, schedule_steps=None),
     "latent-TOP": lambda bb, n: LatentTrajectoryOptimization(bb, n),
 }
 
@@ -127,7 +127,7 @@ def main(argv=None) -> list[dict]:
     for n in args.steps:
         for name in args.methods:
             if name == "NTI reference-style loop":
-                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n, init="null"), items)
+                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n, schedule_steps=None), items)
             else:
                 scores, seconds, iters = run_method(METHODS[name](bb, n), items)
             m, ci, _, _ = mean_ci(scores)

@@ -173,13 +173,15 @@ def test_lr_and_stop_schedules_are_the_reference_at_50_steps_and_follow_the_step
     # the NTI reference's formulas, written for 50 steps: lr 1e-2 (1 - i / 100), stop below 1e-5 + i 2e-5
     assert all(abs(s.lr_at(i, 50) - 1e-2 * (1 - i / 100)) < 1e-15 for i in range(50))
     assert all(abs(s.threshold_at(i, 50) - (1e-5 + i * 2e-5)) < 1e-15 for i in range(50))
-    for n in (10, 20, 100, 200):  # the same span over any step count: lr 1e-2 -> ~5e-3, threshold up to ~1e-3
-        assert s.lr_at(0, n) == 1e-2 and abs(s.lr_at(n, n) - 0.5e-2) < 1e-15
+    for n in (10, 20, 100, 200):  # the same span over any step count: lr -> lr / 2, threshold up to ~1e-3
+        scale = max(1.0, 50 / n)  # and, below 50 steps, a larger lr: 5e-2 at 10 steps
+        assert abs(s.lr_at(0, n) - 1e-2 * scale) < 1e-15 and abs(s.lr_at(n, n) - 0.5e-2 * scale) < 1e-15
         assert all(s.lr_at(i, n) > s.lr_at(i + 1, n) for i in range(n - 1))
         assert abs(s.threshold_at(n // 2, n) - (1e-5 + 25 * 2e-5)) < 1e-12
     verbatim = TrackingSchedule(schedule_steps=None)
     assert abs(verbatim.threshold_at(150, 200) - (1e-5 + 150 * 2e-5)) < 1e-15
     assert min(verbatim.lr_at(i, 200) for i in range(200)) == 0.5e-2  # floored where 1 - i / 100 would reach 0
+    assert verbatim.lr_at(0, 10) == 1e-2 and abs(verbatim.lr_at(9, 10) - 1e-2 * 0.91) < 1e-15
 
 
 def test_proxnpi_on_a_null_text_record_keeps_its_reconstruction_and_thresholds_only_edits(bb):
