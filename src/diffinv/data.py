@@ -439,7 +439,8 @@ class InversionData(L.LightningDataModule):
         items = build_items(self.rows(), self.resolution, self.square)
         if self.perturb is not None:
             items = [self.perturb.apply(i) for i in items]
-            unchanged = [i.id for i in items if self.perturb.caption != "none" and "caption_before_perturbation" not in i.meta]
+            unchanged = [i.id for i in items
+                         if self.perturb.caption != "none" and "caption_before_perturbation" not in i.meta]
             if unchanged:
                 print(f"diffinv: {len(unchanged)} item(s) have no word to {self.perturb.caption.replace('_', ' ')}: "
                       f"their captions are unchanged ({', '.join(unchanged[:5])}{'...' if len(unchanged) > 5 else ''})")

@@ -93,8 +93,8 @@ class ProximalGuidance:
     """Proximal operator on the guidance delta eps_tar - eps_src, thresholding |delta| at tau: 'l0' hard threshold
     (eq. 9, lambda = tau^2 / 2), 'l1' soft threshold (eq. 8). The authors' released code differs from both:
     'authors_l0' is its 'l0' (a soft threshold: x - clamp(x, -tau, tau)), 'authors_l1' its 'l1' (tau subtracted
-    again, asymmetrically: see ``prox_double_shrink_authors``). Use those with mask_from 'shrunk' and scope 'item' to reproduce the
-    published numbers (configs/reference/proxnpi.yaml)."""
+    again, asymmetrically: see ``prox_double_shrink_authors``). Use those with mask_from 'shrunk' and scope 'item'
+    to reproduce the published numbers (configs/reference/proxnpi.yaml)."""
     quantile: float = 0.7
     """tau = this quantile of |eps_tar - eps_src|, per step; 0 keeps everything (plain NPI), 1 drops everything
     (plain DDIM reconstruction)."""

@@ -97,7 +97,8 @@ def sample(
         if step_noise is None:
             z = from_x0(x0, eps, a_prev)
         else:  # stochastic DDIM with the given noise (CycleDiffusion)
-            z = ddim_mean(x0, eps, a_prev, ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)) + step_noise[k - 1]
+            sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
+            z = ddim_mean(x0, eps, a_prev, sigma) + step_noise[k - 1]
         if guide and proximal.inversion_guidance:
             z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
         if controller is not None:

@@ -185,7 +185,8 @@ class InversionMethod(L.LightningModule):
                 z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
                 trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
                 eta=0.0 if codes[0] is None else codes[0][1],
-                step_noise=None if codes[0] is None else torch.stack([codes[rows[r][0]][0] for r in picked], dim=1).to(dev),
+                step_noise=(None if codes[0] is None
+                            else torch.stack([codes[rows[r][0]][0] for r in picked], dim=1).to(dev)),
                 **kw,
             )
 

@@ -95,4 +95,5 @@ class CycleDiffusion(InversionMethod):
         with torch.no_grad():
             chain, residuals = dpm_encode(guided_eps, z0, schedule, self.eta, noise)
         # the code any method samples this record with (diffinv.inversion.base.stochastic_code)
-        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)}, "meta": {"eta": repr(self.eta)}}
+        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)},
+                "meta": {"eta": repr(self.eta)}}
