@@ -169,6 +169,6 @@ def test_perturbations_are_seeded_per_item_and_do_what_they_say():
     untouched = Perturbation(caption="replace_word", neighbours={"dog": "hound"}).apply(a)
     assert untouched.source_prompt == a.source_prompt and "caption_before_perturbation" not in untouched.meta
     with pytest.raises(DiffinvError, match="neighbours"):
-        Perturbation(caption="replace_word")
+        InversionData(perturb=Perturbation(caption="replace_word"))
     with pytest.raises(DiffinvError, match="pixel_noise"):
-        Perturbation(pixel_noise=-1)
+        InversionData(perturb=Perturbation(pixel_noise=-1))

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .errors import DiffinvError
+from .seeds import keyed_seed
 
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "captions.jsonl"
 DONE_MARKER = "inversion.safetensors"
@@ -271,7 +272,8 @@ class Perturbation:
     seed: int = 0
     """Seed of the noise and of the word drawn."""
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """Refuse settings that cannot apply (called by the data module, which reports it in one line)."""
         if self.pixel_noise < 0:
             raise DiffinvError(f"perturb.pixel_noise must be >= 0, got {self.pixel_noise}")
         if self.caption == "replace_word" and not self.neighbours:
@@ -279,8 +281,6 @@ class Perturbation:
 
     def apply(self, item: Item) -> Item:
         """The item with its image and source prompt perturbed; what changed goes into its metadata."""
-        from .seeds import keyed_seed
-
         rng = np.random.default_rng(keyed_seed(self.seed, item.id, "perturb"))
         meta = dict(item.meta)
         image, prompt = item.image, item.source_prompt
@@ -403,6 +403,8 @@ class InversionData(L.LightningDataModule):
         self.limit, self.seed = limit, seed
         self.batch_size, self.output_dir = batch_size, output_dir
         self.perturb = perturb
+        if perturb is not None:
+            perturb.check()
         if perturb is not None and records is not None:
             raise DiffinvError("--data.perturb perturbs images to invert: it does not apply to --data.records")
         self.items: list[Item] | None = None
