@@ -22,7 +22,7 @@ def sample(
     z_T: Tensor,
     cond: Tensor,
     uncond: Tensor,
-    guidance_scale: float,
+    guidance_scale: float | Tensor,
     uncond_is_cond: Tensor | None = None,
     proximal: ProximalGuidance | None = None,
     groups: Tensor | None = None,
@@ -41,7 +41,7 @@ def sample(
         cond: (B, L, D) condition embedding of each row.
         uncond: (B, L, D) unconditional embedding of each row, or (N, B, L, D) one per step (index k-1 for the
             step from level k), as null-text inversion learns.
-        guidance_scale: w of classifier-free guidance (eq. 1) or of proximal guidance.
+        guidance_scale: w of classifier-free guidance (eq. 1) or of proximal guidance; or (B,) one per row.
         uncond_is_cond: (B,) bool: rows whose unconditional branch equals the conditional one (computed once).
         proximal: ProxNPI guidance: ``uncond`` plays eps_src and ``cond`` eps_tar (Alg. 1 lines 4-6).
         groups: (B,) the item of each row (rows sharing one proximal threshold under scope 'item').
@@ -59,6 +59,8 @@ def sample(
     """
     B = z_T.shape[0]
     n = schedule.num_steps
+    if isinstance(guidance_scale, Tensor):
+        guidance_scale = guidance_scale.to(device=z_T.device, dtype=z_T.dtype).view(-1, 1, 1, 1)
     per_step = uncond.dim() == 4
     if per_step and uncond.shape[0] != n:
         raise ValueError(f"per-step unconditional embeddings cover {uncond.shape[0]} steps, the run has {n}")

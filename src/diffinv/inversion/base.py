@@ -162,6 +162,13 @@ class InversionMethod(L.LightningModule):
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
         codes = [stochastic_code(inv) for inv in inversions]
+        # A record may pin the guidance scale its reconstruction needs (CycleDiffusion encodes at its own).
+        recon_w = [float(inv.meta.get("reconstruction_guidance_scale", self.guidance_scale)) for inv in inversions]
+
+        def row_guidance(picked_rows: list) -> float | Tensor:
+            ws = [self.guidance_scale if target is not None else recon_w[g] for g, _, target in picked_rows]
+            return ws[0] if len(set(ws)) == 1 else torch.tensor(ws)
+
         if len({None if c is None else c[1] for c in codes}) > 1:
             raise DiffinvError("records of stochastic (CycleDiffusion) and deterministic inversions, or of different "
                                "eta, cannot be sampled in one batch")
@@ -176,7 +183,7 @@ class InversionMethod(L.LightningModule):
                 z_T=z_start,
                 cond=self.backbone.encode_prompts([rows[r][1] for r in picked]),
                 uncond=u,
-                guidance_scale=self.guidance_scale,
+                guidance_scale=row_guidance([rows[r] for r in picked]),
                 uncond_is_cond=torch.tensor([rows[r][2] is None and self.unconditional_is_source(inversions[rows[r][0]])
                                              for r in picked], device=dev),
                 proximal=self.proximal,

@@ -6,12 +6,14 @@ DPM-Encoder (their §3.1, with the DDIM paper's eq. 7/12/16 at eta):
     z_N ~ q(z_N | z0) = N(sqrt(a_N) z0, (1 - a_N) I)
     z_{k-1} ~ q_sigma(z_{k-1} | z_k, z0) for k = N .. 2, and z_0 = z0
     r_k = z_{k-1} - mean_theta(z_k, k), the sigma_k n_k that makes the sampler step land on z_{k-1}
-where mean_theta = sqrt(a_{k-1}) x0_hat + sqrt(1 - a_{k-1} - sigma_k^2) eps~ under the method's CFG. Sampling
-from z_N with the stored r_k returns z0 exactly in exact arithmetic, for any sigma (the residual is stored, not
-r_k / sigma_k, so eta = 0 or a final sigma of 0 need no division). In floating point it is exact only where the
-sampler is stable: under CFG 7.5 each step amplifies the previous steps' round-off (measured on the shapes model,
-4 scenes, 50 steps: latent error at most 4e-2 in float32 and 7e-11 in float64 at w = 7.5; 2e-6 in float32 at
-w = 1), which is why its reconstruction is "approximate" in latent-TOP's Fig. 2 and ours is 29 dB, not 33.
+where mean_theta = sqrt(a_{k-1}) x0_hat + sqrt(1 - a_{k-1} - sigma_k^2) eps~ under CFG at the source guidance
+scale. Sampling from z_N with the stored r_k returns z0 exactly in exact arithmetic, for any sigma (the residual
+is stored, not r_k / sigma_k, so eta = 0 or a final sigma of 0 need no division). In floating point it is exact
+only where the sampler is stable: under CFG 7.5 each step amplifies the previous steps' round-off (measured on
+the shapes model, 4 scenes, 50 steps: latent error up to 4e-2 in float32 and 7e-11 in float64 at w = 7.5; 2e-6 in
+float32 at w = 1), and the residuals of a CFG-7.5 mean are far from the sigma_k n_k they stand for. So the code is
+encoded, and the reconstruction sampled, at ``source_guidance_scale`` (1, as diffusers' CycleDiffusionPipeline);
+the edits sample the target prompt at ``guidance_scale``.
 """
 
 from __future__ import annotations
@@ -50,23 +52,27 @@ def dpm_encode(eps_fn: Callable[[Tensor, Tensor], Tensor], z0: Tensor, schedule:
 
 
 class CycleDiffusion(InversionMethod):
-    """CycleDiffusion: DPM-Encoder inversion under the method's CFG, stochastic DDIM sampling with the stored
-    noise. Reconstruction is exact by construction; edits keep the source's noise with the target prompt (the
-    paper's zero-shot text-guided editing). Record: the chain as ``trajectory``, the residuals as
-    ``extra.step_noise`` (N x latent floats: 3.3 MB per image at SD 512^2, 50 steps) and eta in its metadata;
-    another method editing the record samples with the same code."""
+    """CycleDiffusion: DPM-Encoder inversion at the source guidance scale, stochastic DDIM sampling with the
+    stored noise. Reconstruction is exact by construction; edits keep the source's noise with the target prompt
+    (the paper's zero-shot text-guided editing). Record: the chain as ``trajectory``, the residuals as
+    ``extra.step_noise`` (N x latent floats: 3.3 MB per image at SD 512^2, 50 steps), eta and the reconstruction's
+    guidance scale in its metadata: another method editing the record samples with the same code."""
 
     method_name = "cycle_diffusion"
 
     def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, eta: float = 1.0, seed: int = 0, editor: Editor | None = None):
+                 guidance_scale: float = 7.5, source_guidance_scale: float = 1.0, eta: float = 1.0, seed: int = 0,
+                 editor: Editor | None = None):
         """
         Args:
             backbone: The Stable Diffusion to use; default: the embedded shapes model.
             num_inference_steps: Steps of the encoder and the sampler (the paper's SD editing: 100; we use 50 as
                 the other methods).
-            guidance_scale: CFG scale w of both the encoding and the sampling (the reconstruction is exact at any
-                w; diffusers' CycleDiffusionPipeline encodes at source_guidance_scale 1, then samples at w).
+            guidance_scale: CFG scale w of the edits (the target prompts), sampled with the source's code.
+            source_guidance_scale: CFG scale of the encoding and of the reconstruction, which it makes exact (1,
+                as diffusers' CycleDiffusionPipeline: under CFG 7.5 the encoded chain amplifies float32 round-off
+                step after step, and on the shapes model some reconstructions fell to 16 dB; at 1 the error
+                stays near 1e-6 in latent space).
             eta: Stochasticity of the DDIM sampler (DDIM eq. 16): 1 = DDPM's posterior (the paper's); 0 reduces
                 the code to z_N and step residuals of a deterministic sampler.
             seed: Run seed of the encoder's noise; each item draws its own from (seed, item id).
@@ -77,7 +83,7 @@ class CycleDiffusion(InversionMethod):
             from ..errors import DiffinvError
 
             raise DiffinvError(f"eta must be in [0, 1], got {eta}")
-        self.eta, self.seed = eta, seed
+        self.eta, self.seed, self.source_guidance_scale = eta, seed, source_guidance_scale
 
     def unconditional(self, inversion: Inversion) -> Tensor:
         return self.backbone.encode_prompts([""])[0]  # CFG with the null prompt, as the paper
@@ -90,10 +96,10 @@ class CycleDiffusion(InversionMethod):
 
         def guided_eps(z: Tensor, t: Tensor) -> Tensor:
             both = self.backbone.eps(torch.cat([z, z]), t, torch.cat([source_emb, null]))
-            return cfg(both[z.shape[0]:], both[: z.shape[0]], self.guidance_scale)
+            return cfg(both[z.shape[0]:], both[: z.shape[0]], self.source_guidance_scale)
 
         with torch.no_grad():
             chain, residuals = dpm_encode(guided_eps, z0, schedule, self.eta, noise)
         # the code any method samples this record with (diffinv.inversion.base.stochastic_code)
         return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)},
-                "meta": {"eta": repr(self.eta)}}
+                "meta": {"eta": repr(self.eta), "reconstruction_guidance_scale": repr(self.source_guidance_scale)}}
