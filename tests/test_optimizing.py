@@ -83,6 +83,7 @@ def test_latent_top_biases_and_multi_start(bb):
     one = LatentTrajectoryOptimization(bb, STEPS, num_starts=1, hops=0).run_batch([item(0)])[0].inversion
     many = LatentTrajectoryOptimization(bb, STEPS, num_starts=6, hops=2).run_batch([item(0)])[0].inversion
     assert many.extra["start_losses"].shape == (6,)
+    assert one.extra["start_losses"].isnan().all() and int(one.extra["start_chosen"]) == 0  # one start: no rollout
     assert many.extra["start_losses"].min() <= many.extra["start_losses"][0]  # never worse than the prior
     assert many.extra["text_bias"].shape == many.unconditional.shape
     torch.testing.assert_close(many.z_T, many.trajectory[-1] + many.extra["noise_bias"])

@@ -18,6 +18,14 @@ def cfg(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def cfg_eps(eps_fn, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
+    """The CFG noise prediction (NPI eq. 1) of latents z (B, ...) with both branches in one call of
+    ``eps_fn(z, t, emb)``: rows [0, B) conditional, [B, 2B) unconditional."""
+    B = z.shape[0]
+    both = eps_fn(torch.cat([z, z]), t, torch.cat([cond, uncond]))
+    return cfg(both[B:], both[:B], guidance_scale)
+
+
 def prox_l1(x: Tensor, lam: Tensor | float) -> Tensor:
     """Soft thresholding, the proximal operator of lam * ||.||_1 (ProxNPI eq. 8)."""
     return torch.sign(x) * torch.clamp(x.abs() - lam, min=0)

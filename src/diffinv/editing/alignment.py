@@ -77,7 +77,8 @@ def replace_mapping(tokenizer, source: str, target: str,
         elif s and t:
             m[torch.tensor(s)[:, None], torch.tensor(t)[None, :]] = 1.0 / len(t)
         a[t] = 1.0
-        end = max([end, *[j + 1 for j in t]])
+        if t:
+            end = t[-1] + 1
     if tail == "shifted":
         _tail_identity(m, a, _length(tokenizer, source), _length(tokenizer, target))
     else:

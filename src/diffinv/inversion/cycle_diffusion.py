@@ -26,7 +26,8 @@ from torch import Tensor
 from ..backbone import BackboneConfig
 from ..ddim import Schedule, ddim_mean, ddim_sigma, from_x0, posterior_sample, predict_x0
 from ..editing.prompt_to_prompt import Editor
-from ..guidance import cfg
+from ..errors import DiffinvError
+from ..guidance import cfg_eps
 from ..seeds import keyed_normal
 from .base import InversionMethod
 from .record import Inversion
@@ -80,8 +81,6 @@ class CycleDiffusion(InversionMethod):
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         if not 0 <= eta <= 1:
-            from ..errors import DiffinvError
-
             raise DiffinvError(f"eta must be in [0, 1], got {eta}")
         self.eta, self.seed, self.source_guidance_scale = eta, seed, source_guidance_scale
 
@@ -95,8 +94,7 @@ class CycleDiffusion(InversionMethod):
                              for i in ids], dim=1).to(z0)
 
         def guided_eps(z: Tensor, t: Tensor) -> Tensor:
-            both = self.backbone.eps(torch.cat([z, z]), t, torch.cat([source_emb, null]))
-            return cfg(both[z.shape[0]:], both[: z.shape[0]], self.source_guidance_scale)
+            return cfg_eps(self.backbone.eps, z, t, source_emb, null, self.source_guidance_scale)
 
         with torch.no_grad():
             chain, residuals = dpm_encode(guided_eps, z0, schedule, self.eta, noise)

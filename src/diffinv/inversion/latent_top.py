@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbone import BackboneConfig
 from ..ddim import Schedule, ddim_step
 from ..editing.prompt_to_prompt import Editor
-from ..guidance import cfg
+from ..guidance import cfg_eps
 from ..optim import AdamState, masked_adam_step
 from .base import OptimizingInversion
 from .tracking import TrackingSchedule, per_sample_mse, track_trajectory
@@ -34,9 +34,7 @@ from .tracking import TrackingSchedule, per_sample_mse, track_trajectory
 def cfg_step(eps_fn, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: float, a_t: Tensor,
              a_prev: Tensor) -> Tensor:
     """One CFG DDIM step (NPI eq. 1 and 2), both branches in one UNet call."""
-    B = z.shape[0]
-    both = eps_fn(torch.cat([z, z]), t, torch.cat([cond, uncond]))
-    return ddim_step(z, cfg(both[B:], both[:B], guidance_scale), a_t, a_prev)
+    return ddim_step(z, cfg_eps(eps_fn, z, t, cond, uncond, guidance_scale), a_t, a_prev)
 
 
 def trajectory_loss(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, uncond: Tensor,
@@ -66,7 +64,8 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
     """Latent-TOP's multiple starts: (text bias (B, L, D), noise bias (B, C, h, w), initial losses (B, K)).
 
     Start 0 is the prior (no bias). Each start takes ``hops`` Adam steps on the first step's loss, then its
-    initial loss is the whole-trajectory loss of its rollout (:func:`trajectory_loss`); the lowest wins.
+    initial loss is the whole-trajectory loss of its rollout (:func:`trajectory_loss`); the lowest wins. With one
+    start there is nothing to rank: no rollout, and its loss is NaN.
     """
     n, B = schedule.num_steps, cond.shape[0]
     K = max(1, num_starts)
@@ -84,7 +83,7 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
     t = schedule.timesteps[n - 1]
     a_t, a_prev = schedule.alphas[n].to(trajectory.dtype), schedule.alphas[n - 1].to(trajectory.dtype)
     everyone = torch.ones(B, dtype=torch.bool, device=dev)
-    losses = torch.empty(K, B, device=dev)
+    losses = torch.full((K, B), float("nan"), device=dev)
     for c in range(K):  # one start at a time: memory of one batch, whatever K
         params = [text[c].clone().requires_grad_(True), noise[c].clone().requires_grad_(True)]
         states = [AdamState.zeros_like(p) for p in params]
@@ -95,6 +94,8 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
             for p, g, s in zip(params, grads, states):
                 masked_adam_step(p, g, s, lr, everyone)
         text[c], noise[c] = params[0].detach(), params[1].detach()
+        if K == 1:
+            break
         with torch.no_grad():
             losses[c] = trajectory_loss(eps_fn, schedule, trajectory, cond, null + text[c], guidance_scale,
                                         trajectory[n] + noise[c])
