@@ -20,7 +20,7 @@ def test_every_bench_config_is_covered():
 
 @pytest.mark.parametrize("config", BENCH_CONFIGS)
 def test_bench_config_runs_and_reports(config, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # the configs name repository paths
+    monkeypatch.chdir(tmp_path)  # any folder: the configs' repository paths are found beside them
     out = tmp_path / "bench"
     args = ("[--data.manifest, src/diffinv/examples/bench/captions.jsonl, --data.limit, '3', --data.batch_size, '3', "
             f"--model.backbone.pretrained, {tiny_model_dir}, --writer.lpips, '[alex]']")

@@ -82,12 +82,13 @@ def test_contract_options_and_rerun_skips_finished_items(tiny_model_dir, tmp_pat
 
 def test_interrupted_item_is_redone(tiny_model_dir, tmp_path):
     out = tmp_path / "o"
-    (out / "shapes-0").mkdir(parents=True)  # a folder without its record: unfinished
-    (out / "shapes-0" / "source.png").write_bytes(b"half")
+    (out / ".shapes-0.partial").mkdir(parents=True)  # an item a killed run was building
+    (out / ".shapes-0.partial" / "source.png").write_bytes(b"half")
     cli("predict", "-c", str(REPO / "configs/ddim.yaml"), "--model.backbone.pretrained", str(tiny_model_dir),
         "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--output_dir", str(out))
     assert (out / "shapes-0" / "inversion.safetensors").is_file()
-    Image.open(out / "shapes-0" / "source.png")  # rewritten, a real PNG now
+    Image.open(out / "shapes-0" / "source.png")  # a real PNG
+    assert not (out / ".shapes-0.partial").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

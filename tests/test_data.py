@@ -68,7 +68,7 @@ def test_manifest_paths_are_relative_to_its_folder_and_ids_unique(tmp_path, caps
     assert "1 item(s) have no target prompts and are only reconstructed (a-2)" in capsys.readouterr().out
     assert [i.id for i in dm.items] == ["a", "a-2"]
     assert dm.items[1].target_prompts == []
-    assert read_manifest(m)[0]["image"] == tmp_path / "a.png"
+    assert read_manifest(m)[0].image == tmp_path / "a.png"
 
 
 @pytest.mark.parametrize("row, message", [

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from diffinv.callbacks import reconcile_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
@@ -68,14 +67,3 @@ def test_resume_after_kill_9(tiny_model_dir, tmp_path):
     assert all((out / d / "inversion.safetensors").stat().st_mtime_ns == t for d, t in mtimes.items())  # kept
     assert ids(out) == Counter({f"item{i}": 2 for i in range(8)})
     assert not list(out.glob(".*.partial"))
-
-
-def test_reconcile_restores_cut_lines_and_drops_unfinished(tmp_path):
-    for name, done in (("a", True), ("b", True), ("c", False)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps([{"id": name, "kind": "reconstruction"}]))
-        if done:
-            (tmp_path / name / "inversion.safetensors").write_bytes(b"x")
-    (tmp_path / "metrics.jsonl").write_text('{"id": "a", "kind": "reconstruction"}\n{"id": "c", "kind": "x"}\n{"id": "b", "ki')
-    assert reconcile_metrics(tmp_path) == 1
-    assert [json.loads(x)["id"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["a", "b"]

@@ -232,12 +232,43 @@ class Backbone(nn.Module):
             return (z - a.sqrt() * out) / (1 - a).sqrt()
         raise DiffinvError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
 
+    @property
+    def max_steps(self) -> int:
+        """The most DDIM steps the scheduler allows: every timestep (spacing and offset applied) must index the
+        training schedule (SD's 'leading' spacing with steps_offset 1 allows 999 of its 1000)."""
+        total = self.scheduler.config.num_train_timesteps
+        for n in range(total, 0, -1):
+            try:
+                self.scheduler.set_timesteps(n)
+            except ValueError:
+                continue
+            if int(self.scheduler.timesteps.max()) < total and int(self.scheduler.timesteps.min()) >= 0:
+                return n
+        return 1
+
+    def prompt_warnings(self, prompts: list[str]) -> list[str]:
+        """Warnings a user should see about prompts on this model before it runs: the embedded shapes model
+        knows only the words of its world, and spells any other word out letter by letter."""
+        if self.name != EMBEDDED_MODEL:
+            return []
+        from .shapes.world import VOCABULARY
+
+        unknown = sorted({w for p in prompts for w in p.lower().replace(",", " ").replace(".", " ").split()}
+                         - set(VOCABULARY))
+        if not unknown:
+            return []
+        return [f"the embedded shapes model only knows its shapes world ({len(VOCABULARY)} words: sizes, colours, "
+                f"shapes, backgrounds); {len(unknown)} word(s) of the prompts are unknown to it "
+                f"({', '.join(unknown[:6])}{'...' if len(unknown) > 6 else ''}), so real photos give meaningless "
+                "results: pass a real Stable Diffusion with --model.backbone.pretrained (a hub id or a folder)"]
+
     def schedule(self, num_steps: int) -> Schedule:
         """Timesteps and levels of an N-step DDIM run, per the model's scheduler config (spacing, offset, alphas)."""
-        if num_steps < 1 or num_steps > self.scheduler.config.num_train_timesteps:
-            raise DiffinvError(
-                f"num_inference_steps must be in 1..{self.scheduler.config.num_train_timesteps}, got {num_steps}"
-            )
+        most = self.max_steps
+        if not 1 <= num_steps <= most:
+            raise DiffinvError(f"num_inference_steps must be in 1..{most} for this model's scheduler "
+                               f"({self.scheduler.config.num_train_timesteps} training timesteps, "
+                               f"'{self.scheduler.config.timestep_spacing}' spacing), got {num_steps}")
         self.scheduler.set_timesteps(num_steps)
         final = float(self.scheduler.final_alpha_cumprod)
         s = make_schedule(self.alphas_cumprod.cpu(), self.scheduler.timesteps, final)

@@ -47,13 +47,45 @@ class Run:
     """Extra command-line options for this run."""
 
 
-def _config_path(config: str) -> Path:
-    path = Path(config)
-    if path.is_file():
+PATH_OPTIONS = ("-c", "--config", "--data.manifest", "--data.image", "--data.records", "--data.pie_bench",
+                "--data.coco_captions", "--data.coco_images", "--model.backbone.pretrained")
+"""Options of a run whose relative values a bench config may write from its own place (see :func:`locate`)."""
+
+
+def locate(path: str, bases: list[Path]) -> Path | None:
+    """A relative path of a bench config, as the user's current folder sees it, else as one of ``bases`` does
+    (the bench config's folder and the one above it: the repository root for configs/bench_*.yaml), so that
+    ``diffinv bench -c /somewhere/configs/bench_x.yaml`` works from any folder. None: found nowhere."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p if p.exists() else None
+    return next((b / p for b in bases if (b / p).exists()), None)
+
+
+def _config_path(config: str, bases: list[Path] = ()) -> Path:
+    path = locate(config, [*bases, REPO_CONFIGS.parent])
+    if path is not None and path.is_file():
         return path
     if (REPO_CONFIGS / config).is_file():
         return REPO_CONFIGS / config
-    raise DiffinvError(f"benchmark run config {config} not found (neither a file nor in {REPO_CONFIGS})")
+    raise DiffinvError(f"benchmark run config {config} not found (not a file here, beside the bench config, nor "
+                       f"in {REPO_CONFIGS})")
+
+
+def resolve_args(args: list[str], bases: list[Path]) -> list[str]:
+    """``args`` with the relative values of :data:`PATH_OPTIONS` located as :func:`locate` does (kept as given
+    where found nowhere: the run then reports them)."""
+    out = list(args)
+    for k, a in enumerate(out):
+        name, eq, value = a.partition("=")
+        if eq and name in PATH_OPTIONS:
+            found = locate(value, bases)
+            out[k] = f"{name}={found}" if found is not None else a
+        elif a in PATH_OPTIONS and k + 1 < len(out):
+            found = locate(out[k + 1], bases)
+            if found is not None and not Path(out[k + 1]).exists():
+                out[k + 1] = str(found)
+    return out
 
 
 def subcommand_for(config: Path) -> str:
@@ -200,7 +232,7 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
 
 def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
               table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None,
-              only: list[str] | None = None) -> list[dict]:
+              only: list[str] | None = None, base: str | None = None) -> list[dict]:
     """Run every (run, step count), then aggregate (see the module docstring).
 
     Args:
@@ -211,7 +243,10 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
         args: Extra command-line options for every run (e.g. another model or data set).
         only: Run only the runs with these labels (e.g. to redo a few after deleting their folders); the report
             still covers every run whose results are in ``output_dir``.
+        base: The bench config's folder: relative paths of runs and args not found from the current folder are
+            looked up there and one folder above (set from ``-c``).
     """
+    bases = [Path(base), Path(base).parent] if base else []
     if only:
         unknown = sorted(set(only) - {r.label for r in runs})
         if unknown:
@@ -221,10 +256,10 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
     plan = [(run, n) for run in runs if not only or run.label in only for n in (steps or [None])]
     started = time.perf_counter()
     for k, (run, n) in enumerate(plan):
-        config = _config_path(run.config)
+        config = _config_path(run.config, bases)
         run_dir = out / run.label / f"steps-{n or 'default'}"
         cmd = [sys.executable, "-m", "diffinv.cli", subcommand_for(config), "-c", str(config), "--output_dir", str(run_dir),
-               *(["--model.num_inference_steps", str(n)] if n else []), *(args or []), *run.args]
+               *(["--model.num_inference_steps", str(n)] if n else []), *resolve_args([*(args or []), *run.args], bases)]
         elapsed = time.perf_counter() - started
         eta = f", about {elapsed / k * (len(plan) - k):.0f} s left" if k else ""
         print(f"diffinv bench: [{k + 1}/{len(plan)}] {run.label}" + (f", {n} steps" if n else "") +
@@ -251,4 +286,7 @@ def main(argv: list[str]) -> None:
     cfg = parser.parse_args(argv)
     cfg.pop("config", None)
     init = parser.instantiate_classes(cfg)
-    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args", "only")})
+    configs = [v for flag, v in zip(argv, argv[1:]) if flag in ("-c", "--config")]
+    base = str(Path(configs[-1]).expanduser().resolve().parent) if configs else None
+    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args", "only")},
+              base=init.get("base") or base)

@@ -1,25 +1,10 @@
-"""Writes each item's results: PNGs, the inversion record, and lines of ``metrics.jsonl``.
-
-Layout (the output contract)::
-
-    OUTPUT_DIR/metrics.jsonl              one JSON line per reconstruction / edit, appended
-    OUTPUT_DIR/<id>/source.png            the image as inverted (after resizing/cropping)
-    OUTPUT_DIR/<id>/reconstruction.png
-    OUTPUT_DIR/<id>/edit-<k>.png          one per target prompt, k = 0, 1, ...
-    OUTPUT_DIR/<id>/inversion.safetensors the Inversion record (written last: its presence marks a finished item)
-    OUTPUT_DIR/<id>/metrics.json          the item's metric lines
-
-An item is built in a hidden ``.<id>.partial`` folder and renamed into place when complete, so an interrupted
-run never leaves a half-written item that looks finished; finished items are skipped by the next run.
-"""
+"""The Lightning callbacks of a run: the writer of each finished item (layout and rules: :mod:`diffinv.output`),
+and the progress bar."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +14,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
-from .data import DONE_MARKER
+from . import output
 from .inversion.base import ItemResult
 from .metrics import clip_score, lpips, masked, mse, psnr, ssim
-
-
-def save_png(image, path: Path) -> None:
-    from PIL import Image
-
-    arr = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
 
 
 def _finite(x: float) -> float | str:
@@ -116,66 +94,16 @@ def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
 
 
 def write_item(r: ItemResult, output_dir: Path, method: str, model: str, guidance: float,
-               settings: MetricSettings | None = None) -> list[dict]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / r.id
-    tmp = output_dir / f".{r.id}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_png(r.source, tmp / "source.png")
-    save_png(r.reconstruction, tmp / "reconstruction.png")
-    for k, e in enumerate(r.edits):
-        save_png(e, tmp / f"edit-{k}.png")
+               settings: MetricSettings | None = None, identity: dict | None = None) -> list[dict]:
+    """Write one item (:func:`diffinv.output.write_item`); ``identity``: what a rerun compares before skipping it
+    (:func:`diffinv.output.identity`), stored in its record."""
     lines = metric_lines(r, method, model, guidance, settings)
-    (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
-    r.inversion.save(tmp / DONE_MARKER)
-    if final.exists():  # an unfinished folder from an interrupted run (finished ones were skipped)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    with open(output_dir / "metrics.jsonl", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # several processes (DDP) append to one file: one item's lines at a time
-        try:
-            f.write("".join(json.dumps(line) + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    if identity is not None:
+        r.inversion.meta["identity"] = json.dumps(identity)
+    images = {"source.png": r.source, "reconstruction.png": r.reconstruction}
+    images |= {f"edit-{k}.png": e for k, e in enumerate(r.edits)}
+    output.write_item(Path(output_dir), r.id, images, lines, r.inversion)
     return lines
-
-
-def reconcile_metrics(output_dir: Path) -> int:
-    """Make ``metrics.jsonl`` hold exactly the lines of the finished items (those with their record), in their
-    order of completion: lines of items a killed run left unfinished are dropped, lines a kill cut off between
-    an item's rename and its append are restored from the item's ``metrics.json``. Rewritten atomically.
-    Returns the number of lines restored."""
-    output_dir = Path(output_dir)
-    index = output_dir / "metrics.jsonl"
-    finished = {p.parent.name for p in output_dir.glob(f"*/{DONE_MARKER}")}
-    if not finished and not index.exists():
-        return 0
-    kept, seen = [], set()
-    if index.exists():
-        for raw in index.read_text().splitlines():
-            try:
-                line = json.loads(raw)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if line.get("id") in finished:
-                kept.append(line)
-                seen.add(line["id"])
-    restored = 0
-    for item in sorted(finished - seen):
-        try:
-            lines = json.loads((output_dir / item / "metrics.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        kept += lines
-        restored += len(lines)
-    tmp = output_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-    os.replace(tmp, index)
-    return restored
 
 
 class InversionWriter(BasePredictionWriter):
@@ -196,9 +124,12 @@ class InversionWriter(BasePredictionWriter):
         self.written = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        data = getattr(trainer, "datamodule", None)
+        items = {i.id: i for i in (batch or [])}
         for r in prediction:
+            ident = data.identity(items[r.id]) if hasattr(data, "identity") and r.id in items else None
             write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
-                       pl_module.guidance_scale, self.settings)
+                       pl_module.guidance_scale, self.settings, ident)
             self.written += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -2,14 +2,22 @@
 
     diffinv predict -c configs/npi.yaml [--data.manifest captions.jsonl] [--output_dir DIR]
                     [--model.num_inference_steps N] [--model.backbone.pretrained HUB_ID_OR_FOLDER]
+
+Every problem with the user's input, model, files or settings ends in one line ``diffinv: error: ...`` and exit
+status 2, before anything is written (:func:`report`); SIGINT and SIGTERM stop a run between two items' writes,
+keeping the finished items (exit 128 + the signal's number).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -17,6 +25,7 @@ from .callbacks import InversionWriter, ItemProgressBar
 from .data import InversionData
 from .errors import DiffinvError
 from .inversion.base import InversionMethod
+from .output import OutputLock, check_output_dir
 
 _QUIET = (
     r".*does not have many workers.*",
@@ -29,9 +38,50 @@ _QUIET = (
     r".*train_dataloader.*",
     r".*val_dataloader.*",
 )
+SUBCOMMANDS = ("fit", "predict")
+_HELD: list[OutputLock] = []  # the output folder locks this process holds (released by main, however it ends)
+_OUTPUT: list[str] = []  # the output folder of the running subcommand, for the message of a stop by signal
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the run (Lightning's teardown included) up to :func:`main`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the unwinding
+    raise Stopped(signum)
+
+
+def _launching_process() -> bool:
+    """True in the process a user started (not a rank > 0 process Lightning launched for DDP)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK"))
+
+
+def run_settings(config) -> dict:
+    """The options of a parsed run that change its results (method, model, every method option, the image
+    preprocessing and perturbation, precision): stored in each record, compared before a rerun skips an item.
+    Batch size, devices, logging and metrics are left out: they do not change an image."""
+    def plain(x):
+        return json.loads(json.dumps(x.as_dict() if hasattr(x, "as_dict") else x, default=str))
+
+    data = config.data
+    return {"model": plain(config.model),
+            "data": {k: plain(data.get(k)) for k in ("resolution", "square", "perturb")},
+            "precision": str(config.trainer.get("precision"))}
 
 
 class DiffinvCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only what diffinv runs: ``fit`` (optimizing methods) and ``predict``; Lightning's ``validate`` and
+        ``test`` have nothing to evaluate here and are not offered."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output_dir", type=str, default="outputs",
                             help="Folder for results: <id>/ PNGs and inversion records, metrics.jsonl.")
@@ -40,6 +90,28 @@ class DiffinvCLI(LightningCLI):
         parser.link_arguments("output_dir", "writer.output_dir")
         parser.link_arguments("output_dir", "data.output_dir")
         parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
+
+    def _instantiate_trainer(self, config, callbacks):
+        """``--trainer.enable_progress_bar false`` drops diffinv's progress bar (Lightning refuses a progress bar
+        callback when the bar is off)."""
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ItemProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _before_run(self) -> None:
+        """Before any work and any write: the output folder is writable, every input is read and checked, the
+        items finished there are matched against this run (skipped only if the same work); then the folder is
+        locked for this run."""
+        config = self.config[self.subcommand]
+        check_output_dir(config.output_dir)
+        self.datamodule.run_settings = run_settings(config)
+        self.datamodule.setup("fit" if self.subcommand == "fit" else "predict")
+        if _launching_process():
+            _HELD.append(OutputLock(config.output_dir).acquire())
+        _OUTPUT[:] = [config.output_dir]
+
+    before_fit = _before_run
+    before_predict = _before_run
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -56,10 +128,106 @@ class _NoAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip")
 
 
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def one_line(e: BaseException) -> str | None:
+    """The one-line message of an error a user can act on (their input, files, model, settings, memory), or None
+    for anything else (a bug: its traceback is worth seeing). Config-time checks raised inside jsonargparse's
+    instantiation are found in the exception's chain."""
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    for x in _chain(e):
+        if isinstance(x, DiffinvError):
+            return str(x)
+    for x in _chain(e):
+        if isinstance(x, torch.OutOfMemoryError) or "out of memory" in str(x).lower().split("\n")[0]:
+            return ("out of memory: lower --data.batch_size (1 is the least), use --trainer.precision bf16-mixed on a "
+                    "GPU, lower --data.resolution, or (latent-TOP) --model.num_starts")
+        if isinstance(x, MisconfigurationException):
+            text = " ".join(str(x).split())
+            if "gpu" in text.lower() or "cuda" in text.lower() or "mps" in text.lower():
+                return (f"--trainer.accelerator: {text} (no such accelerator is visible to this process: use "
+                        "--trainer.accelerator cpu, or auto to take a GPU when there is one)")
+            return f"invalid trainer settings: {text}"
+    return None
+
+
+def _config_model(argv: list[str]) -> tuple[str, dict] | None:
+    """(class path, init args) of the model in the ``-c/--config`` files of ``argv`` (the last one that sets it)."""
+    import yaml
+
+    found = None
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
+            if isinstance(model, dict) and "class_path" in model:
+                found = (model["class_path"], model.get("init_args") or {})
+    return found
+
+
+def model_options(class_path: str, values: dict) -> str:
+    """The options of a config's model, nested settings (dataclasses, the editor) expanded, each with the value
+    the config gives it (else its default) and its documentation."""
+    import dataclasses
+    import importlib
+    import inspect
+    import textwrap
+    import typing
+
+    from docstring_parser import parse_from_object
+
+    def load(path: str):
+        module, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    def nested(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        return next((a for a in args if dataclasses.is_dataclass(a)), None)
+
+    lines: list[str] = []
+
+    def walk(target, given: dict, prefix: str) -> None:
+        init = target if dataclasses.is_dataclass(target) else target.__init__
+        docs = {p.arg_name: " ".join((p.description or "").split()) for p in parse_from_object(target).params}
+        if not dataclasses.is_dataclass(target):
+            docs |= {p.arg_name: " ".join((p.description or "").split()) for p in parse_from_object(init).params}
+        hints = typing.get_type_hints(init)
+        for name, param in inspect.signature(init).parameters.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            value = given.get(name, None if param.default is inspect.Parameter.empty else param.default)
+            sub = nested(hints.get(name))
+            if isinstance(value, dict) and "class_path" in value:  # a subclass setting, e.g. the editor
+                lines.append(f"  {prefix}{name} {value['class_path']}")
+                lines.append(textwrap.fill(docs.get(name, ""), 110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+                walk(load(value["class_path"]), value.get("init_args") or {}, f"{prefix}{name}.")
+                continue
+            if sub is not None:
+                walk(sub, value if isinstance(value, dict) else {}, f"{prefix}{name}.")
+                continue
+            shown = json.dumps(value) if not isinstance(value, str) else value
+            lines.append(f"  {prefix}{name} {shown}")
+            if docs.get(name):
+                lines.append(textwrap.fill(docs[name], 110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+    cls = load(class_path)
+    walk(cls, values, "--model.")
+    head = (f"\nthis config's model: {class_path} (values: the config's, else the defaults; each is a command-line "
+            "option, e.g. --model.num_inference_steps 20)")
+    return "\n".join([head, *lines]) + "\n"
+
+
 def main(args: list[str] | None = None) -> None:
     """``diffinv fit|predict ...`` (LightningCLI) or ``diffinv bench -c configs/bench_*.yaml``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
@@ -72,18 +240,39 @@ def main(args: list[str] | None = None) -> None:
     warnings.formatwarning = _one_line_warning
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        DiffinvCLI(
-            InversionMethod,
-            InversionData,
-            subclass_mode_model=True,
-            args=args,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-        )
-    except DiffinvError as e:
-        print(f"diffinv: error: {e}", file=sys.stderr)
+        DiffinvCLI(InversionMethod, InversionData, subclass_mode_model=True, args=args, save_config_callback=None,
+                   auto_configure_optimizers=False)
+    except SystemExit as e:
+        wants_help = any(a in ("-h", "--help") for a in argv) and argv[:1] and argv[0] in SUBCOMMANDS
+        model = _config_model(argv) if wants_help and e.code in (0, None) else None
+        if model is not None:
+            try:
+                print(model_options(*model), end="")
+            except Exception as err:  # noqa: BLE001 - the help above is printed already
+                print(f"(the model's options could not be listed: {err})")
+        raise
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        where = f" in {_OUTPUT[0]}" if _OUTPUT else ""
+        print(f"diffinv: stopped by {name}: the finished items are kept{where}, the one in progress was not written; "
+              "run the same command again to continue", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except Exception as e:  # noqa: BLE001 - a user's error in one line; anything else re-raised with its traceback
+        message = one_line(e)
+        if message is None:
+            raise
+        print(f"diffinv: error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        while _HELD:
+            _HELD.pop().release()
+        _OUTPUT.clear()
 
 
 if __name__ == "__main__":

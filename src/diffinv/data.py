@@ -9,6 +9,8 @@ VAE's downsampling factor.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .errors import DiffinvError
+from .output import DONE_MARKER, finished_items, identity
 from .seeds import keyed_seed
 
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "captions.jsonl"
-DONE_MARKER = "inversion.safetensors"
 
 
 @dataclass
@@ -104,56 +106,119 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "item"
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a captions.jsonl: ``{"image", "source_prompt", "target_prompts"[, "id"]}``, image paths resolved
-    against the manifest's folder."""
+@dataclass
+class Row:
+    """One item to run, from any source (a manifest line, the command line, a saved record, PIE-Bench, COCO),
+    before its image is read; ``where`` names it in messages."""
+
+    where: str
+    source_prompt: str | None
+    target_prompts: list[str] = field(default_factory=list)
+    image: Path | None = None
+    inversion: Path | None = None
+    id: str | None = None
+    meta: dict = field(default_factory=dict)
+    record: object | None = None
+    """The loaded Inversion where the row edits a saved record."""
+
+
+MANIFEST_KEYS = {
+    "image": "path of the image, relative to the manifest's folder",
+    "source_prompt": "caption of the image",
+    "target_prompts": "edit prompts: a list of strings (or one string)",
+    "id": "the name of the item's output folder; default: the image file's name",
+    "inversion": "a saved inversion record to edit instead of an image",
+    "meta": "an object of annotations carried into metrics.jsonl",
+}
+"""The keys of a manifest line. Any other key is an annotation, carried into metrics.jsonl like ``meta``'s; a key
+that looks like a misspelt one of these (``target_prompt``) is refused."""
+
+
+def _json_type(value) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def manifest_row(obj, folder: Path, where: str) -> Row:
+    """One manifest line, checked against :data:`MANIFEST_KEYS` (types, required keys, unknown keys)."""
+    if not isinstance(obj, dict):
+        raise DiffinvError(f"{where}: each line must be a JSON object, got {_json_type(obj)}")
+    extra = {k: v for k, v in obj.items() if k not in MANIFEST_KEYS}
+    for key in extra:
+        near = difflib.get_close_matches(key.lower(), MANIFEST_KEYS, n=1, cutoff=0.75)
+        if near:
+            raise DiffinvError(f"{where}: unknown key {key!r}: did you mean {near[0]!r}? ({MANIFEST_KEYS[near[0]]})")
+    for key in ("image", "inversion", "id", "source_prompt"):
+        if key in obj and not isinstance(obj[key], str):
+            got = "null" if obj[key] is None else f"{_json_type(obj[key])} ({json.dumps(obj[key])[:60]})"
+            raise DiffinvError(f"{where}: \"{key}\" must be a string ({MANIFEST_KEYS[key]}), got {got}"
+                               + ("; leave the key out for the default" if key == "id" else ""))
+    for key in ("image", "inversion", "id"):
+        if key in obj and not obj[key].strip():
+            raise DiffinvError(f"{where}: \"{key}\" is empty")
+    if not (("image" in obj and "source_prompt" in obj) or "inversion" in obj):
+        raise DiffinvError(f"{where}: each line needs at least \"image\" and \"source_prompt\" "
+                           "(or \"inversion\": a saved record to edit)")
+    targets = obj.get("target_prompts", [])
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise DiffinvError(f"{where}: \"target_prompts\" must be a list of strings, got {json.dumps(targets)[:80]}")
+    if not isinstance(obj.get("meta", {}), dict):
+        raise DiffinvError(f"{where}: \"meta\" must be an object, got {_json_type(obj['meta'])}")
+    resolve = lambda p: p if p.is_absolute() else folder / p  # noqa: E731
+    return Row(
+        where=where,
+        image=resolve(Path(obj["image"]).expanduser()) if "image" in obj else None,
+        inversion=resolve(Path(obj["inversion"]).expanduser()) if "inversion" in obj else None,
+        source_prompt=obj.get("source_prompt"),
+        target_prompts=targets,
+        id=obj.get("id"),
+        meta=obj.get("meta", {}) | extra,
+    )
+
+
+def read_manifest(path: str | Path) -> list[Row]:
+    """Rows of a captions.jsonl (UTF-8, a byte-order mark allowed), one JSON object per line (see
+    :data:`MANIFEST_KEYS`), image paths resolved against the manifest's folder."""
     path = Path(path)
     if not path.is_file():
-        raise DiffinvError(f"manifest {path} does not exist")
+        raise DiffinvError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DiffinvError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the manifest as UTF-8") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DiffinvError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not (("image" in row and "source_prompt" in row) or "inversion" in row):
-            raise DiffinvError(f"{path}:{n}: each line needs at least \"image\" and \"source_prompt\" "
-                               "(or \"inversion\": a saved record to edit)")
-        targets = row.get("target_prompts", [])
-        if isinstance(targets, str):
-            targets = [targets]
-        resolve = lambda p: p if p.is_absolute() else path.parent / p  # noqa: E731
-        rows.append({
-            "image": resolve(Path(row["image"]).expanduser()) if "image" in row else None,
-            "inversion": resolve(Path(row["inversion"]).expanduser()) if "inversion" in row else None,
-            "source_prompt": row.get("source_prompt"),
-            "target_prompts": targets,
-            "id": row.get("id"),
-            "where": f"{path}:{n}",
-        })
+        rows.append(manifest_row(obj, path.parent, f"{path}:{n}"))
     if not rows:
         raise DiffinvError(f"manifest {path} has no items")
     return rows
 
 
-def record_rows(path: str | Path, target_prompts: list[str]) -> list[dict]:
+def record_rows(path: str | Path, target_prompts: list[str]) -> list[Row]:
     """Rows that edit saved Inversion records: ``path`` is one record or a folder of a previous run
     (``<id>/inversion.safetensors``). Target prompts: ``target_prompts`` if given, else those saved with it."""
     from .inversion.record import Inversion
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob(f"*/{DONE_MARKER}")) if path.is_dir() else []
+    files = [path] if path.is_file() else sorted(p for p in path.glob(f"*/{DONE_MARKER}") if not p.parent.name.startswith(".")) if path.is_dir() else []
     if not files:
         raise DiffinvError(f"no inversion records at {path} (expected a record file or a folder of <id>/{DONE_MARKER})")
     rows = []
     for f in files:
         rec = Inversion.load(f)
         saved = json.loads(rec.meta.get("target_prompts", "[]"))
-        rows.append({"inversion": f, "source_prompt": rec.source_prompt, "target_prompts": target_prompts or saved,
-                     "id": f.parent.name if f.name == DONE_MARKER else f.stem, "where": str(f),
-                     "record": rec})
+        rows.append(Row(where=str(f), source_prompt=rec.source_prompt, target_prompts=target_prompts or saved,
+                        inversion=f, id=f.parent.name if f.name == DONE_MARKER else f.stem, record=rec))
     return rows
 
 
@@ -171,7 +236,7 @@ def pie_bench_mask(rle: list[int], shape: tuple[int, int] = (512, 512)) -> np.nd
     return mask
 
 
-def pie_bench_rows(root: str | Path) -> list[dict]:
+def pie_bench_rows(root: str | Path) -> list[Row]:
     """Rows of PIE-Bench (``root/mapping_file.json`` + ``root/annotation_images/``): the source prompt is
     ``original_prompt``, the single target is ``editing_prompt`` with its ``[ ]`` markers stripped."""
     root = Path(root)
@@ -186,21 +251,21 @@ def pie_bench_rows(root: str | Path) -> list[dict]:
     rows = []
     for key, e in sorted(entries.items()):
         try:
-            rows.append({
-                "image": root / "annotation_images" / e["image_path"],
-                "source_prompt": _EDIT_MARKERS.sub("", e["original_prompt"]).strip(),
-                "target_prompts": [" ".join(_EDIT_MARKERS.sub("", e["editing_prompt"]).split())],
-                "id": key,
-                "where": f"{mapping}:{key}",
-                "meta": {"editing_type_id": str(e.get("editing_type_id", "")), "blended_word": e.get("blended_word", ""),
-                         "editing_instruction": e.get("editing_instruction", ""), "mask_rle": e.get("mask", [])},
-            })
+            rows.append(Row(
+                image=root / "annotation_images" / e["image_path"],
+                source_prompt=_EDIT_MARKERS.sub("", e["original_prompt"]).strip(),
+                target_prompts=[" ".join(_EDIT_MARKERS.sub("", e["editing_prompt"]).split())],
+                id=key,
+                where=f"{mapping}:{key}",
+                meta={"editing_type_id": str(e.get("editing_type_id", "")), "blended_word": e.get("blended_word", ""),
+                      "editing_instruction": e.get("editing_instruction", ""), "mask_rle": e.get("mask", [])},
+            ))
         except (KeyError, TypeError) as err:
             raise DiffinvError(f"{mapping}: entry {key} lacks {err}") from None
     return rows
 
 
-def coco_rows(captions: str | Path, images: str | Path | None, count: int | None, seed: int) -> list[dict]:
+def coco_rows(captions: str | Path, images: str | Path | None, count: int | None, seed: int) -> list[Row]:
     """Rows of COCO captions (``captions_val*.json``): ``count`` random images (seeded; all if None), each with
     its first caption (lowest annotation id) as source prompt. ``images``: the image folder (default: beside the
     captions file, ``val2017``/``val2014`` by the file's name)."""
@@ -223,35 +288,43 @@ def coco_rows(captions: str | Path, images: str | Path | None, count: int | None
     if count is not None:
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, size=min(count, len(ids)), replace=False).tolist())
-    return [{"image": Path(images) / files[i], "source_prompt": " ".join(first[i][1].split()), "target_prompts": [],
-             "id": f"coco-{i}", "where": f"{captions}:image {i}"} for i in ids]
+    return [Row(image=Path(images) / files[i], source_prompt=" ".join(first[i][1].split()), id=f"coco-{i}",
+                where=f"{captions}:image {i}") for i in ids]
 
 
-def build_items(rows: list[dict], resolution: int | None, square: bool) -> list[Item]:
+def build_items(rows: list[Row], resolution: int | None, square: bool, max_aspect: float | None = None) -> list[Item]:
+    """Read and check every row's image and prompts (any problem: one line naming the row); ids made unique.
+    ``max_aspect``: refuse an image whose long side is more than this many times its short one (unless
+    ``square`` crops it)."""
     items, seen = [], set()
     for row in rows:
-        where = row.get("where", "command line")
-        if row.get("inversion") is not None and "record" not in row:
+        if row.inversion is not None and row.record is None:
             from .inversion.record import Inversion
 
-            row = row | {"record": Inversion.load(row["inversion"])}
-            row["source_prompt"] = row.get("source_prompt") or row["record"].source_prompt
-        source = check_prompt(row["source_prompt"], f"source_prompt ({where})")
-        if not isinstance(row["target_prompts"], list):
-            raise DiffinvError(f"target_prompts ({where}) must be a list of strings")
-        targets = [check_prompt(t, f"target prompt {k} ({where})") for k, t in enumerate(row["target_prompts"])]
-        base = _safe_id(row.get("id") or Path(row.get("image") or row["inversion"]).stem)
+            row = dataclasses.replace(row, record=Inversion.load(row.inversion))
+            row.source_prompt = row.source_prompt or row.record.source_prompt
+        source = check_prompt(row.source_prompt, f"source_prompt ({row.where})")
+        if not isinstance(row.target_prompts, list):
+            raise DiffinvError(f"target_prompts ({row.where}) must be a list of strings")
+        targets = [check_prompt(t, f"target prompt {k} ({row.where})") for k, t in enumerate(row.target_prompts)]
+        base = _safe_id(row.id or Path(row.image or row.inversion).stem)
         uid, n = base, 1
         while uid in seen:
             n += 1
             uid = f"{base}-{n}"
         seen.add(uid)
-        if "record" in row:
-            image = row["record"].source_image.permute(1, 2, 0).numpy()
-            items.append(Item(uid, image, source, targets, inversion=Path(row["inversion"])))
-        else:
-            items.append(Item(uid, load_image(row["image"]), source, targets, resolution, square,
-                              meta=row.get("meta", {})))
+        if row.record is not None:
+            image = row.record.source_image.permute(1, 2, 0).numpy()
+            items.append(Item(uid, image, source, targets, inversion=Path(row.inversion)))
+            continue
+        image = load_image(row.image)
+        h, w = image.shape[:2]
+        if max_aspect is not None and not square and max(h, w) > max_aspect * min(h, w):
+            raise DiffinvError(
+                f"image {row.image} is {w}x{h}, {max(h, w) / min(h, w):.0f}:1, over --data.max_aspect {max_aspect:g}: "
+                "its short side would be scaled to the model's size and the long one to many times it; crop it, "
+                "or pass --data.square true (centre square) or a larger --data.max_aspect")
+        items.append(Item(uid, image, source, targets, resolution, square, meta=row.meta))
     return items
 
 
@@ -358,6 +431,7 @@ class InversionData(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 1,
         perturb: Perturbation | None = None,
+        max_aspect: float = 4.0,
         output_dir: str | None = None,
     ):
         """
@@ -381,6 +455,8 @@ class InversionData(L.LightningDataModule):
             batch_size: Images inverted together in one step.
             perturb: Perturb the inputs (pixel noise, a dropped or replaced caption word) to measure robustness;
                 none: the inputs as they are.
+            max_aspect: Refuse images whose long side is over this many times the short one (a 10000x20 panorama
+                would become 32x16000 on the shapes model, 512x256000 on SD): crop them, or use ``square``.
             output_dir: Set by the CLI's --output_dir: items already finished there are skipped, not redone.
         """
         super().__init__()
@@ -397,12 +473,17 @@ class InversionData(L.LightningDataModule):
             raise DiffinvError(f"batch_size must be >= 1, got {batch_size}")
         if resolution is not None and resolution < 1:
             raise DiffinvError(f"resolution must be positive, got {resolution}")
+        if not max_aspect >= 1:
+            raise DiffinvError(f"max_aspect must be >= 1, got {max_aspect}")
         self.image, self.source_prompt, self.target_prompts = image, source_prompt, list(target_prompts or [])
         self.manifest, self.resolution, self.square, self.records = manifest, resolution, square, records
         self.pie_bench, self.coco_captions, self.coco_images = pie_bench, coco_captions, coco_images
         self.limit, self.seed = limit, seed
         self.batch_size, self.output_dir = batch_size, output_dir
-        self.perturb = perturb
+        self.perturb, self.max_aspect = perturb, max_aspect
+        self.run_settings: dict | None = None
+        """Set by the CLI: the options of this run that change a result (stored with each item, compared on a
+        rerun before an item is skipped)."""
         if perturb is not None:
             perturb.check()
         if perturb is not None and records is not None:
@@ -410,7 +491,7 @@ class InversionData(L.LightningDataModule):
         self.items: list[Item] | None = None
         self.skipped: list[str] = []
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[Row]:
         """The items' rows; ``limit`` keeps the first ones (COCO: a seeded random draw)."""
         if self.coco_captions is not None:
             return coco_rows(self.coco_captions, self.coco_images, self.limit, self.seed)
@@ -419,26 +500,31 @@ class InversionData(L.LightningDataModule):
         elif self.records is not None:
             rows = record_rows(self.records, self.target_prompts)
         elif self.image is not None:
-            rows = [{"image": Path(self.image).expanduser(), "source_prompt": self.source_prompt,
-                     "target_prompts": self.target_prompts}]
+            rows = [Row(where="--data.image", image=Path(self.image).expanduser(), source_prompt=self.source_prompt,
+                        target_prompts=self.target_prompts)]
         else:
             rows = read_manifest(self.manifest or EXAMPLES)
         return rows[: self.limit]
 
     def prepare_data(self) -> None:
-        """Once, before the processes start: make OUTPUT_DIR/metrics.jsonl agree with the finished items (a run
-        killed part-way leaves it one item behind or ahead)."""
+        """Once, before the processes start: make OUTPUT_DIR/metrics.jsonl hold exactly the finished items' lines
+        (:func:`diffinv.output.reconcile_metrics`: a run killed part-way leaves it one item behind or ahead)."""
         if self.output_dir is not None and Path(self.output_dir).is_dir():
-            from .callbacks import reconcile_metrics
+            from .output import reconcile_metrics
 
-            restored = reconcile_metrics(Path(self.output_dir))
-            if restored:
-                print(f"diffinv: restored {restored} line(s) of metrics.jsonl from finished items in {self.output_dir}")
+            restored, dropped = reconcile_metrics(Path(self.output_dir))
+            if restored or dropped:
+                print(f"diffinv: metrics.jsonl in {self.output_dir} now matches its finished items "
+                      f"({restored} line(s) restored, {dropped} dropped)")
+
+    def identity(self, item: Item) -> dict:
+        """What a rerun compares before skipping ``item`` (:func:`diffinv.output.identity`)."""
+        return identity(item.image, item.source_prompt, item.target_prompts, self.run_settings)
 
     def setup(self, stage: str | None = None) -> None:
         if self.items is not None:
             return
-        items = build_items(self.rows(), self.resolution, self.square)
+        items = build_items(self.rows(), self.resolution, self.square, self.max_aspect)
         if self.perturb is not None:
             items = [self.perturb.apply(i) for i in items]
             unchanged = [i.id for i in items
@@ -447,12 +533,13 @@ class InversionData(L.LightningDataModule):
                 print(f"diffinv: {len(unchanged)} item(s) have no word to {self.perturb.caption.replace('_', ' ')}: "
                       f"their captions are unchanged ({', '.join(unchanged[:5])}{'...' if len(unchanged) > 5 else ''})")
         if self.output_dir is not None:
-            done = {i.id for i in items if (Path(self.output_dir) / i.id / DONE_MARKER).exists()}
+            done = set(finished_items(Path(self.output_dir), {i.id: self.identity(i) for i in items}))
             self.skipped = sorted(done)
             items = [i for i in items if i.id not in done]
             if done:
-                print(f"diffinv: skipping {len(done)} item(s) already finished in {self.output_dir} "
-                      f"({', '.join(self.skipped[:5])}{'...' if len(done) > 5 else ''}); delete their folders to redo them")
+                print(f"diffinv: skipping {len(done)} item(s) already finished in {self.output_dir} with these "
+                      f"settings ({', '.join(self.skipped[:5])}{'...' if len(done) > 5 else ''}); delete their "
+                      "folders to redo them")
         lone = [i.id for i in items if not i.target_prompts]
         if lone:
             print(f"diffinv: {len(lone)} item(s) have no target prompts and are only reconstructed "

@@ -228,7 +228,18 @@ class InversionMethod(L.LightningModule):
         return out
 
     def check_items(self, items: list[Item]) -> None:
-        """Fail before any work where the editor cannot take an item's prompts (e.g. replace with other word counts)."""
+        """Before any work: the step count fits the model's scheduler, the editor can take every item's prompts
+        (e.g. replace with other word counts); warn where the model is a poor match for the inputs."""
+        self.backbone.schedule(self.num_inference_steps)
+        bb = self.backbone
+        for message in bb.prompt_warnings([p for i in items for p in (i.source_prompt, *i.target_prompts)]):
+            warnings.warn(message, stacklevel=2)
+        big = [i for i in items if i.inversion is None and (i.resolution or bb.native_resolution) > 2 * bb.native_resolution]
+        if big:
+            r = big[0].resolution
+            warnings.warn(f"--data.resolution {r} is {r / bb.native_resolution:.0f}x the model's native "
+                          f"{bb.native_resolution}: each step costs about {(r / bb.native_resolution) ** 2:.0f}x as "
+                          "much and the model was not trained at that size (results are usually poor)", stacklevel=2)
         if isinstance(self.editor, PromptToPrompt) and self.editor.mode == "replace":
             for item in items:
                 check_word_counts(self.backbone.tokenizer, item.source_prompt, item.target_prompts)
