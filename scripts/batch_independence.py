@@ -30,6 +30,9 @@ METHODS = {  # by name, so the script also measures an older diffinv that lacks 
     "proxnpi": "ProximalNegativePromptInversion",
     "cycle_diffusion": "CycleDiffusion",
     "null_text": "NullTextInversion",
+    "direct_inversion": "DirectInversion",
+    "edict": "EDICT",
+    "ddpm_inversion": "DDPMInversion",
 }
 EDITORS = {
     "none": lambda: None,

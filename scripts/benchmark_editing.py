@@ -31,8 +31,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from diffinv import (  # noqa: E402
     BackboneConfig,
+    EDICT,
     CycleDiffusion,
     DDIMInversion,
+    DDPMInversion,
+    DirectInversion,
     LatentTrajectoryOptimization,
     NegativePromptInversion,
     NullTextInversion,
@@ -54,6 +57,9 @@ INVERSIONS = {
     "NTI (source init)": lambda *a, **k: NullTextInversion(*a, init="source", **k),
     "latent-TOP": LatentTrajectoryOptimization,
     "CycleDiffusion": CycleDiffusion,
+    "DirectInversion": DirectInversion,
+    "EDICT": EDICT,  # its paper's CFG 3 unless --guidance-scale is given
+    "DDPM inversion": DDPMInversion,  # its paper's CFG 3.5 / 15 and T_skip 36% unless --guidance-scale is given
 }
 EDITORS = {
     "none": lambda: None,
@@ -106,7 +112,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--scenes", type=int, default=24)
     p.add_argument("--seed", type=int, default=321)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale of every method; default: each method's own (7.5; EDICT 3; DDPM inversion 15)")
     p.add_argument("--inversions", nargs="+",
                    default=["DDIM", "NPI", "ProxNPI", "ProxNPI (authors' code)", "NTI", "CycleDiffusion"])
     p.add_argument("--editors", nargs="+", default=list(EDITORS))
@@ -122,7 +129,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for inv_name in args.inversions:
         for ed_name in args.editors:
-            method = INVERSIONS[inv_name](bb, args.steps, guidance_scale=args.guidance_scale, editor=EDITORS[ed_name]())
+            w = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+            method = INVERSIONS[inv_name](bb, args.steps, editor=EDITORS[ed_name](), **w)
             optimizing = hasattr(method, "tracking")
             method.backbone.encode_prompts(sorted({i.source_prompt for i in items} | {i.target_prompts[0] for i in items} | {""}))
             start = time.perf_counter()

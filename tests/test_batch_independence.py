@@ -6,8 +6,11 @@ import torch
 
 from diffinv import (
     BackboneConfig,
+    EDICT,
     CycleDiffusion,
     DDIMInversion,
+    DDPMInversion,
+    DirectInversion,
     LatentTrajectoryOptimization,
     NegativePromptInversion,
     NullTextInversion,
@@ -29,6 +32,9 @@ METHODS = {
     "proxnpi_l0": lambda bb, e: ProximalNegativePromptInversion(
         bb, STEPS, editor=e, proximal=ProximalGuidance(prox="l0", until_timestep=1000)),
     "cycle_diffusion": lambda bb, e: CycleDiffusion(bb, STEPS, editor=e),
+    "direct_inversion": lambda bb, e: DirectInversion(bb, STEPS, editor=e),
+    "edict": lambda bb, e: EDICT(bb, STEPS, editor=e),
+    "ddpm_inversion": lambda bb, e: DDPMInversion(bb, STEPS, skip=0.2, editor=e),
     "null_text": lambda bb, e: NullTextInversion(bb, STEPS, num_inner_steps=3, editor=e),
     "latent_top": lambda bb, e: LatentTrajectoryOptimization(bb, STEPS, num_inner_steps=2, num_starts=2, hops=1,
                                                              editor=e),
@@ -47,7 +53,11 @@ EDITORS = {
 # Float noise: batched and single UNet calls differ by ~1e-6. The hard threshold (eq. 9) is discontinuous, so an
 # entry of |delta| within that noise of tau can flip between kept (w tau) and dropped: a few pixels may then move
 # by up to ~2/255 (measured 0.0072 on this test's 16x16 images; before per-row thresholds: up to 103/255).
-TOLERANCE = {"proxnpi_l0": 3 / 255}
+# EDICT's coupled chain and DDPM inversion's CFG 15 carry the same float noise further on this random-weight model
+# (EDICT: up to 0.028 here, where DDIM + CFG moves 6e-5 in latents); on the embedded shapes model both stay
+# within 0.02/255 (scripts/batch_independence.py).
+TOLERANCE = {"proxnpi_l0": 3 / 255, "edict": 0.05, "ddpm_inversion": 1e-3}
+RECONSTRUCTION_TOLERANCE = {"edict": 0.05, "ddpm_inversion": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +82,8 @@ def test_an_edit_does_not_depend_on_its_batch_neighbours(bb, name, editor):
     tol = TOLERANCE.get(name, 2e-4)
     assert (alone.edits[0] - alone.reconstruction).abs().max() > 1e-3  # the edit does change the image
     for other in (beside, after):
-        torch.testing.assert_close(other.reconstruction, alone.reconstruction, atol=2e-4, rtol=0)
+        torch.testing.assert_close(other.reconstruction, alone.reconstruction, atol=RECONSTRUCTION_TOLERANCE.get(name, 2e-4),
+                                   rtol=0)
     for edit in (beside.edits[1], after.edits[0]):
         torch.testing.assert_close(edit, alone.edits[0], atol=tol, rtol=0)
         assert (edit - alone.edits[0]).abs().mean() < max(2e-4, tol / 8)  # the flips, if any, are rare

@@ -189,7 +189,8 @@ def read_manifest(path: str | Path) -> list[Row]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DiffinvError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the manifest as UTF-8") from None
+        raise DiffinvError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the manifest as "
+                           "UTF-8") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -210,7 +211,9 @@ def record_rows(path: str | Path, target_prompts: list[str]) -> list[Row]:
     from .inversion.record import Inversion
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.glob(f"*/{DONE_MARKER}") if not p.parent.name.startswith(".")) if path.is_dir() else []
+    files = [path] if path.is_file() else []
+    if path.is_dir():
+        files = sorted(p for p in path.glob(f"*/{DONE_MARKER}") if not p.parent.name.startswith("."))
     if not files:
         raise DiffinvError(f"no inversion records at {path} (expected a record file or a folder of <id>/{DONE_MARKER})")
     rows = []

@@ -102,3 +102,44 @@ def posterior_sample(z: Tensor, x0: Tensor, alpha_from: Tensor | float, alpha_to
     a_from = torch.as_tensor(alpha_from, dtype=z.dtype, device=z.device)
     true_eps = (z - a_from.sqrt() * x0) / (1 - a_from).sqrt()
     return ddim_mean(x0, true_eps, alpha_to, sigma) + torch.as_tensor(sigma, dtype=z.dtype, device=z.device) * noise
+
+
+def posterior_chain(z0: Tensor, schedule: Schedule, eta: float, noise: Tensor) -> Tensor:
+    """CycleDiffusion's DPM-Encoder chain (N + 1, B, ...): z_N ~ q(z_N | z0), then z_{k-1} ~ q_sigma(z_{k-1} | z_k,
+    z0) down to z_0 = z0. ``noise``: (N, B, ...) standard normal, [N - 1] for z_N and [k - 2] for z_{k-1}."""
+    n = schedule.num_steps
+    z = from_x0(z0, noise[n - 1], schedule.alphas[n].to(z0.dtype))
+    chain = [z]
+    for k in range(n, 1, -1):
+        sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
+        z = posterior_sample(z, z0, schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype), sigma,
+                             noise[k - 2])
+        chain.append(z)
+    chain.append(z0)
+    return torch.stack(chain[::-1])
+
+
+def independent_chain(z0: Tensor, schedule: Schedule, noise: Tensor) -> Tensor:
+    """Edit-friendly DDPM inversion's chain (N + 1, B, ...) (Huberman-Spiegelglas et al. eq. 6): each level noised
+    from z0 on its own, x_k = sqrt(a_k) z0 + sqrt(1 - a_k) n_k with independent n_k = ``noise[k - 1]``; x_0 = z0."""
+    levels = [from_x0(z0, noise[k - 1], schedule.alphas[k].to(z0.dtype)) for k in range(1, schedule.num_steps + 1)]
+    return torch.stack([z0, *levels])
+
+
+def step_residuals(eps_fn: EpsFn, chain: Tensor, schedule: Schedule, eta: float, top: int | None = None) -> Tensor:
+    """(N, B, ...) the noise r_k = z_{k-1} - mean_theta(z_k) (DDIM eq. 12) that makes the stochastic sampler's step
+    from each level k of ``chain`` land on level k - 1, stored at [k - 1]: CycleDiffusion's code and DDPM
+    inversion's noise maps (their eq. 5: r_k = sigma_k z_k; stored as r_k, so sigma_k = 0 needs no division).
+    Sampling from chain[N] with them returns chain[0] exactly in exact arithmetic, whatever the chain. ``top``:
+    sampling starts at that level (DDPM inversion's skip), the residuals above it are zeros, never computed."""
+    top = schedule.num_steps if top is None else top
+    residuals = []
+    for k in range(1, schedule.num_steps + 1):
+        if k > top:
+            residuals.append(torch.zeros_like(chain[k]))
+            continue
+        z, a_t, a_prev = chain[k], schedule.alphas[k].to(chain.dtype), schedule.alphas[k - 1].to(chain.dtype)
+        eps = eps_fn(z, schedule.timesteps[k - 1])
+        sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
+        residuals.append(chain[k - 1] - ddim_mean(predict_x0(z, eps, a_t), eps, a_prev, sigma))
+    return torch.stack(residuals)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import Backbone
-from ..ddim import Schedule, ddim_mean, ddim_sigma, from_x0, predict_x0
+from ..ddim import Schedule, ddim_mean, ddim_sigma, ddim_step, from_x0, predict_x0
 from ..guidance import ProximalGuidance, cfg, proximal_eps
 
 
@@ -33,6 +33,8 @@ def sample(
     start_level: int | None = None,
     eta: float = 0.0,
     step_noise: Tensor | None = None,
+    snap_rows: Tensor | None = None,
+    coupled: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """Latents z_0 (B, C, h, w) reached from z_T by N reverse DDIM steps (NPI eq. 2).
 
@@ -56,6 +58,10 @@ def sample(
             mean sqrt(a) x0 + sqrt(1 - a - sigma_k^2) eps, plus ``step_noise[k-1]``.
         step_noise: (N, B, C, h, w) the sigma_k n_k added after each step (CycleDiffusion's latent code); None:
             deterministic DDIM (eta is then ignored).
+        snap_rows: (B,) bool: rows put back onto their ``trajectory`` after every step (DirectInversion's source
+            branch: the step's result plus z*_{k-1} minus it), before local blend reads them.
+        coupled: (y_T (B, C, h, w), p): EDICT's coupled sampling (Wallace et al. eq. 14) from the pair (z_T, y_T)
+            with mixing weight p; two guided UNet calls per step; returns the x sequence's z_0.
     """
     B = z_T.shape[0]
     n = schedule.num_steps
@@ -73,36 +79,55 @@ def sample(
             raise ValueError("inversion guidance needs the inversion trajectory")
     if controller is not None:
         controller.set_unconditional_rows(need_u)
+    snap = None if snap_rows is None or not bool(snap_rows.any()) else snap_rows.to(z_T.device).view(-1, 1, 1, 1)
+    if snap is not None and trajectory is None:
+        raise ValueError("snapping rows onto the inversion trajectory needs the trajectory")
+
+    def guided(z: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+        """One UNet call (conditional branch of every row, unconditional branch of the rows that need it), then
+        CFG (eq. 1) or proximal guidance (ProxNPI Alg. 1 lines 6-7)."""
+        t = schedule.timesteps[k - 1]
+        u = uncond[k - 1] if per_step else uncond
+        eps_all = backbone.eps(torch.cat([z, z[need_u]]), t, torch.cat([cond, u[need_u]]))
+        eps_c = eps_all[:B]
+        eps_u = eps_c.clone()
+        eps_u[need_u] = eps_all[B:]
+        if proximal is None:
+            return cfg(eps_u, eps_c, guidance_scale), None
+        return proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups, edit_rows)
+
     z = z_T
+    y = None if coupled is None else coupled[0]
     top = n if start_level is None else start_level
     for k in range(top, 0, -1):  # level k -> k-1
         if controller is not None:
             controller.step = n - k
         t = schedule.timesteps[k - 1]
         a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
-        u = uncond[k - 1] if per_step else uncond
-        # 1. One UNet call: conditional branch of every row, unconditional branch of the rows that need it.
-        eps_all = backbone.eps(torch.cat([z, z[need_u]]), t, torch.cat([cond, u[need_u]]))
-        eps_c = eps_all[:B]
-        eps_u = eps_c.clone()
-        eps_u[need_u] = eps_all[B:]
-        # 2. Guidance: CFG (eq. 1) or proximal guidance (ProxNPI Alg. 1 lines 6-7).
-        if proximal is None:
-            eps = cfg(eps_u, eps_c, guidance_scale)
-        else:
-            eps, keep = proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups, edit_rows)
-        # 3. DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
+        if coupled is not None:  # EDICT eq. 14: each sequence steps with the other's prediction, then mixing
+            p = coupled[1]
+            x_inter = ddim_step(z, guided(y, k)[0], a_t, a_prev)
+            y_inter = ddim_step(y, guided(x_inter, k)[0], a_t, a_prev)
+            z = p * x_inter + (1 - p) * y_inter
+            y = p * y_inter + (1 - p) * z
+            if controller is not None:
+                z, y = controller.after_step(z, n - k), controller.after_step(y, n - k)
+            continue
+        eps, keep = guided(z, k)
+        # DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
         x0 = predict_x0(z, eps, a_t)
         guide = proximal is not None and int(t) < proximal.until_timestep
         if guide and proximal.reconstruction_guidance:
             x0 = x0 - proximal.step_size * keep * (x0 - z0)  # Alg. 1 line 10
         if step_noise is None:
             z = from_x0(x0, eps, a_prev)
-        else:  # stochastic DDIM with the given noise (CycleDiffusion)
+        else:  # stochastic DDIM with the given noise (CycleDiffusion, DDPM inversion)
             sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
             z = ddim_mean(x0, eps, a_prev, sigma) + step_noise[k - 1]
         if guide and proximal.inversion_guidance:
             z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
+        if snap is not None:
+            z = torch.where(snap, trajectory[k - 1], z)  # DirectInversion: z + (z*_{k-1} - z), exactly
         if controller is not None:
             z = controller.after_step(z, n - k)  # Prompt-to-Prompt local blend
     return z

@@ -3,6 +3,9 @@
 from .base import InversionMethod, ItemResult
 from .cycle_diffusion import CycleDiffusion
 from .ddim import DDIMInversion
+from .ddpm_inversion import DDPMInversion
+from .direct_inversion import DirectInversion
+from .edict import EDICT
 from .latent_top import LatentTrajectoryOptimization
 from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
 from .null_text import NullTextInversion
@@ -11,6 +14,9 @@ from .record import Inversion
 __all__ = [
     "CycleDiffusion",
     "DDIMInversion",
+    "DDPMInversion",
+    "DirectInversion",
+    "EDICT",
     "Inversion",
     "InversionMethod",
     "ItemResult",

@@ -111,6 +111,11 @@ class InversionMethod(L.LightningModule):
         two branches then coincide and are computed once."""
         return False
 
+    def snaps_source(self) -> bool:
+        """True where sampling puts each reconstruction (source) row back onto its inversion trajectory after
+        every step (DirectInversion), so the source branch the edits read is exact."""
+        return False
+
     # --- pipeline ---------------------------------------------------------------------------------------------
     def fitted_image(self, item: Item):
         """The item's image resized/cropped for this model (:func:`diffinv.data.fit_to_model`)."""
@@ -162,6 +167,8 @@ class InversionMethod(L.LightningModule):
         if any(u.dim() == 3 for u in uncond):
             uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
         codes = [stochastic_code(inv) for inv in inversions]
+        pairs = [coupled_code(inv) for inv in inversions]
+        levels = {start_level(inv) for inv in inversions}
         # A record may pin the guidance scale its reconstruction needs (CycleDiffusion encodes at its own).
         recon_w = [float(inv.meta.get("reconstruction_guidance_scale", self.guidance_scale)) for inv in inversions]
 
@@ -169,9 +176,14 @@ class InversionMethod(L.LightningModule):
             ws = [self.guidance_scale if target is not None else recon_w[g] for g, _, target in picked_rows]
             return ws[0] if len(set(ws)) == 1 else torch.tensor(ws)
 
-        if len({None if c is None else c[1] for c in codes}) > 1:
-            raise DiffinvError("records of stochastic (CycleDiffusion) and deterministic inversions, or of different "
-                               "eta, cannot be sampled in one batch")
+        kinds = {(None if c is None else c[1], None if p is None else p[1]) for c, p in zip(codes, pairs)}
+        if len(kinds) > 1:
+            raise DiffinvError("records of stochastic (CycleDiffusion, DDPM), coupled (EDICT) and deterministic "
+                               "inversions, or of different eta or mixing, cannot be sampled in one batch")
+        if len(levels) > 1:
+            raise DiffinvError("records that start sampling at different levels (DDPM inversion's skip) cannot be "
+                               "sampled in one batch")
+        level = levels.pop()
         first_row = {}
         for r, (g, _, _) in enumerate(rows):
             first_row.setdefault(g, r)
@@ -194,21 +206,27 @@ class InversionMethod(L.LightningModule):
                 eta=0.0 if codes[0] is None else codes[0][1],
                 step_noise=(None if codes[0] is None
                             else torch.stack([codes[rows[r][0]][0] for r in picked], dim=1).to(dev)),
+                snap_rows=torch.tensor([rows[r][2] is None and self.snaps_source() for r in picked], device=dev),
+                coupled=(None if pairs[0] is None  # a run from a lower level (SDEdit) starts both sequences there
+                         else (z_start if "start_level" in kw
+                               else torch.stack([pairs[rows[r][0]][0] for r in picked]).to(dev), pairs[0][1])),
                 **kw,
             )
 
         every = list(range(len(rows)))
-        starts = torch.stack([inversions[rows[r][0]].start_latent for r in every]).to(dev)
+        start_of = [inv.trajectory[level] if level < n else inv.start_latent for inv in inversions]
+        starts = torch.stack([start_of[rows[r][0]] for r in every]).to(dev)
+        at_level = {} if level == n else {"start_level": level}
         if isinstance(self.editor, SDEdit):
             recon = [r for r in every if rows[r][2] is None]
             edits = [r for r in every if rows[r][2] is not None]
             latents = torch.empty_like(starts)
-            latents[recon] = run(recon, starts[recon])
+            latents[recon] = run(recon, starts[recon], **at_level)
             if edits:
                 z0 = torch.stack([inversions[rows[r][0]].z0 for r in edits]).to(dev)
                 traj = torch.stack([inversions[rows[r][0]].trajectory for r in edits], dim=1).to(dev)
                 keys = [(ids[rows[r][0]], rows[r][2]) for r in edits]
-                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule, keys),
+                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule, keys).to(starts.dtype),
                                      start_level=self.editor.start_level(n))
         elif isinstance(self.editor, PromptToPrompt):
             controller = self.editor.controller(
@@ -217,9 +235,9 @@ class InversionMethod(L.LightningModule):
                 latent_hw=tuple(starts.shape[-2:]),
                 negative_is_source=all(self.unconditional_is_source(inv) for inv in inversions)).to(dev)
             with attention_control(self.backbone.unet, controller):
-                latents = run(every, starts, controller=controller)
+                latents = run(every, starts, controller=controller, **at_level)
         else:
-            latents = run(every, starts)
+            latents = run(every, starts, **at_level)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
             count = 1 + len(targets)
@@ -234,11 +252,12 @@ class InversionMethod(L.LightningModule):
         bb = self.backbone
         for message in bb.prompt_warnings([p for i in items for p in (i.source_prompt, *i.target_prompts)]):
             warnings.warn(message, stacklevel=2)
-        big = [i for i in items if i.inversion is None and (i.resolution or bb.native_resolution) > 2 * bb.native_resolution]
+        native = bb.native_resolution
+        big = [i for i in items if i.inversion is None and (i.resolution or native) > 2 * native]
         if big:
             r = big[0].resolution
-            warnings.warn(f"--data.resolution {r} is {r / bb.native_resolution:.0f}x the model's native "
-                          f"{bb.native_resolution}: each step costs about {(r / bb.native_resolution) ** 2:.0f}x as "
+            warnings.warn(f"--data.resolution {r} is {r / native:.0f}x the model's native "
+                          f"{native}: each step costs about {(r / native) ** 2:.0f}x as "
                           "much and the model was not trained at that size (results are usually poor)", stacklevel=2)
         if isinstance(self.editor, PromptToPrompt) and self.editor.mode == "replace":
             for item in items:
@@ -323,6 +342,20 @@ def stochastic_code(inv: Inversion) -> tuple[Tensor, float] | None:
     if "step_noise" not in inv.extra:
         return None
     return inv.extra["step_noise"], float(inv.meta.get("eta", 1.0))
+
+
+def coupled_code(inv: Inversion) -> tuple[Tensor, float] | None:
+    """EDICT's second sequence's start y_T and the mixing weight p, where the record holds them (any method then
+    samples it with the coupled sampler); None: a single sequence."""
+    if "edict_y_T" not in inv.extra:
+        return None
+    return inv.extra["edict_y_T"], float(inv.meta.get("mix", 0.93))
+
+
+def start_level(inv: Inversion) -> int:
+    """The level sampling starts from: N, or fewer where the record says so (DDPM inversion's T - T_skip: the
+    start latent is then the trajectory's latent of that level)."""
+    return int(inv.meta.get("start_level", inv.num_steps))
 
 
 def optimization_summary(inv: Inversion) -> dict:

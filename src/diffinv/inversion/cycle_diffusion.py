@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backbone import BackboneConfig
-from ..ddim import Schedule, ddim_mean, ddim_sigma, from_x0, posterior_sample, predict_x0
+from ..ddim import Schedule, posterior_chain, step_residuals
 from ..editing.prompt_to_prompt import Editor
 from ..errors import DiffinvError
 from ..guidance import cfg_eps
@@ -38,18 +38,8 @@ def dpm_encode(eps_fn: Callable[[Tensor, Tensor], Tensor], z0: Tensor, schedule:
     """The DPM-Encoder: the posterior chain z_0 .. z_N (N + 1, B, ...) (z_0 = z0) and the residuals r_k stored at
     [k - 1] (N, B, ...). ``noise``: (N, B, ...) standard normal draws (one for z_N, one per posterior step);
     ``eps_fn(z, t)``: the guided noise prediction the sampler will use."""
-    n = schedule.num_steps
-    z = from_x0(z0, noise[n - 1], schedule.alphas[n].to(z0.dtype))  # z_N ~ q(z_N | z0)
-    chain, residuals = [z], [None] * n
-    for k in range(n, 0, -1):
-        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
-        sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
-        z_prev = z0 if k == 1 else posterior_sample(z, z0, a_t, a_prev, sigma, noise[k - 2])
-        eps = eps_fn(z, schedule.timesteps[k - 1])
-        residuals[k - 1] = z_prev - ddim_mean(predict_x0(z, eps, a_t), eps, a_prev, sigma)  # as the sampler steps
-        chain.append(z_prev)
-        z = z_prev
-    return torch.stack(chain[::-1]), torch.stack(residuals)
+    chain = posterior_chain(z0, schedule, eta, noise)
+    return chain, step_residuals(eps_fn, chain, schedule, eta)
 
 
 class CycleDiffusion(InversionMethod):
@@ -87,17 +77,32 @@ class CycleDiffusion(InversionMethod):
     def unconditional(self, inversion: Inversion) -> Tensor:
         return self.backbone.encode_prompts([""])[0]  # CFG with the null prompt, as the paper
 
+    noise_key = "dpm-encoder"
+    """Key of the per-item noise (with the run seed and the item id)."""
+
+    def chain(self, z0: Tensor, schedule: Schedule, noise: Tensor) -> Tensor:
+        """The latents z_0 .. z_N the code makes the sampler visit: the DPM-Encoder's posterior chain."""
+        return posterior_chain(z0, schedule, self.eta, noise)
+
+    def start_level(self, num_steps: int) -> int:
+        """The level sampling starts from (N: from z_N)."""
+        return num_steps
+
     def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule, ids: list[str] | None = None) -> dict:
         ids = ids if ids is not None else [str(b) for b in range(z0.shape[0])]
         null = self.backbone.encode_prompts([""]).expand_as(source_emb)
-        noise = torch.stack([keyed_normal((schedule.num_steps, *z0.shape[1:]), self.seed, i, "dpm-encoder")
+        noise = torch.stack([keyed_normal((schedule.num_steps, *z0.shape[1:]), self.seed, i, self.noise_key)
                              for i in ids], dim=1).to(z0)
+        top = self.start_level(schedule.num_steps)
 
         def guided_eps(z: Tensor, t: Tensor) -> Tensor:
             return cfg_eps(self.backbone.eps, z, t, source_emb, null, self.source_guidance_scale)
 
         with torch.no_grad():
-            chain, residuals = dpm_encode(guided_eps, z0, schedule, self.eta, noise)
+            chain = self.chain(z0, schedule, noise)
+            residuals = step_residuals(guided_eps, chain, schedule, self.eta, top=top)
         # the code any method samples this record with (diffinv.inversion.base.stochastic_code)
-        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)},
-                "meta": {"eta": repr(self.eta), "reconstruction_guidance_scale": repr(self.source_guidance_scale)}}
+        meta = {"eta": repr(self.eta), "reconstruction_guidance_scale": repr(self.source_guidance_scale)}
+        if top < schedule.num_steps:
+            meta["start_level"] = str(top)  # diffinv.inversion.base.start_level
+        return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)}, "meta": meta}
