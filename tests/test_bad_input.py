@@ -230,7 +230,15 @@ def test_only_fit_and_predict_are_offered(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "-c", str(REPO / "configs/npi.yaml")])
     assert e.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert f"diffinv: error: unknown subcommand '{sub}': use fit, predict or bench" in capsys.readouterr().err
+
+
+def test_top_level_help_answers_without_importing_torch_or_lightning():
+    code = ("import sys; from diffinv.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'lightning', 'diffusers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0 and "usage: diffinv {fit,predict,bench}" in proc.stdout
+    assert proc.stdout.strip().endswith("[]")  # none of them imported
 
 
 def test_progress_bar_can_be_turned_off(world, capsys):

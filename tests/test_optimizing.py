@@ -200,3 +200,38 @@ def test_proxnpi_on_a_null_text_record_keeps_its_reconstruction_and_thresholds_o
     torch.testing.assert_close(images[0], r.reconstruction, atol=1e-5, rtol=0)
     torch.testing.assert_close(rec, nti_rec, atol=1e-6, rtol=0)
     assert (edits[0] - nti_edits[0]).abs().max() > 1e-3  # the edit's delta is thresholded
+
+
+@pytest.mark.parametrize("make", [
+    lambda bb, **kw: NullTextInversion(bb, STEPS, num_inner_steps=3, **kw),
+    lambda bb, **kw: LatentTrajectoryOptimization(bb, STEPS, num_inner_steps=2, num_starts=2, hops=1, **kw),
+])
+def test_gradient_checkpointing_changes_memory_not_results(bb, make):
+    plain = make(bb).run_batch([item(0)])[0]
+    m = make(bb, gradient_checkpointing=True)
+    ckpt = m.run_batch([item(0)])[0]
+    assert m.backbone.unet.is_gradient_checkpointing
+    torch.testing.assert_close(ckpt.inversion.unconditional, plain.inversion.unconditional, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ckpt.reconstruction, plain.reconstruction, atol=1e-6, rtol=0)
+
+
+def test_latent_top_starts_never_batch_the_unet_over_starts(bb):
+    """Memory must not grow with num_starts: every UNet call of the start selection has the rows of one start."""
+    from diffinv.inversion.latent_top import choose_start
+
+    m = LatentTrajectoryOptimization(bb, STEPS)
+    r = NullTextInversion(bb, STEPS, num_inner_steps=0).run_batch([item(0), item(1)])[0]
+    traj = torch.stack([r.inversion.trajectory] * 2, dim=1)
+    cond = m.backbone.encode_prompts(["a photo of a cat"] * 2)
+    null = m.backbone.encode_prompts([""] * 2)
+    for k in (1, 8):
+        rows = []
+
+        def eps(z, t, emb):
+            rows.append(z.shape[0])
+            return m.backbone.eps(z, t, emb)
+
+        choose_start(eps, m.backbone.schedule(STEPS), traj, cond, null, 7.5, k, 2, 1e-2, 0.1, 0.1,
+                     torch.Generator().manual_seed(0))
+        assert max(rows) == 4  # the two images' conditional and unconditional rows, for any K
+        assert len(rows) == (2 if k == 1 else k * (2 + STEPS))  # K starts: hops + one rollout each, in turn

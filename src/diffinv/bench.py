@@ -1,8 +1,9 @@
 """``diffinv bench -c configs/bench_*.yaml``: run several diffinv configs over one dataset, then tables and plots.
 
-Each run is a real ``diffinv fit`` or ``diffinv predict`` (whichever its method needs) in its own process, writing
-to ``OUTPUT_DIR/<label>/steps-<N>/``, so DDP (``--args '[--trainer.strategy, ddp, --trainer.devices, 2]'``) and
-resuming (finished items are skipped) work per run exactly as for a single run. Then every run's
+Each run is a real ``diffinv fit`` or ``diffinv predict`` (whichever its method needs), writing to
+``OUTPUT_DIR/<label>/steps-<N>/``, so resuming (finished items are skipped) works per run exactly as for a single
+run. Runs share the bench's interpreter (imports paid once); a run with its own processes (DDP:
+``--args '[--trainer.strategy, ddp, --trainer.devices, 2]'``) gets a fresh one. Then every run's
 ``metrics.jsonl`` is aggregated:
 
 * ``results.csv``: one row per run and metric: mean, 95% confidence half-width (1.96 s / sqrt(n), normal
@@ -230,6 +231,28 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
                 tb.add_scalar(f"{table}/{r['metric']}/{r['label']}", r["mean"], r["steps"])
 
 
+def _needs_own_processes(argv: list[str]) -> bool:
+    """A run that launches several processes (DDP, several devices) gets a fresh interpreter of its own."""
+    text = " ".join(argv)
+    devices = next((argv[k + 1] for k, a in enumerate(argv[:-1]) if a == "--trainer.devices"), "1")
+    return "--trainer.strategy" in text or "--trainer.num_nodes" in text or devices not in ("1", "auto")
+
+
+def run_one(argv: list[str]) -> int:
+    """One run of a benchmark (``diffinv fit|predict ...`` arguments): in this interpreter, so the ~5 s of
+    importing torch and Lightning are paid once per benchmark, not once per run; in a fresh one where the run
+    launches processes of its own. Returns its exit status."""
+    if _needs_own_processes(argv):
+        return subprocess.run([sys.executable, "-m", "diffinv.cli", *argv]).returncode
+    from .cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
               table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None,
               only: list[str] | None = None, base: str | None = None) -> list[dict]:
@@ -264,10 +287,10 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
         eta = f", about {elapsed / k * (len(plan) - k):.0f} s left" if k else ""
         print(f"diffinv bench: [{k + 1}/{len(plan)}] {run.label}" + (f", {n} steps" if n else "") +
               f" ({elapsed:.0f} s elapsed{eta})", flush=True)
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0:
+        returncode = run_one(cmd[3:])
+        if returncode != 0:
             raise DiffinvError(f"benchmark run {run.label!r}" + (f" at {n} steps" if n else "") +
-                               f" failed (exit {proc.returncode}); its command: {' '.join(cmd)}")
+                               f" failed (exit {returncode}); its command: {' '.join(cmd)}")
     rows = aggregate(out, runs, steps or [None], table)
     if not rows:
         raise DiffinvError(f"no results to aggregate in {out}")

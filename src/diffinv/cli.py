@@ -19,13 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-
-from .callbacks import InversionWriter, ItemProgressBar
-from .data import InversionData
 from .errors import DiffinvError
-from .inversion.base import InversionMethod
-from .output import OutputLock, check_output_dir
 
 _QUIET = (
     r".*does not have many workers.*",
@@ -39,8 +33,20 @@ _QUIET = (
     r".*val_dataloader.*",
 )
 SUBCOMMANDS = ("fit", "predict")
-_HELD: list[OutputLock] = []  # the output folder locks this process holds (released by main, however it ends)
-_OUTPUT: list[str] = []  # the output folder of the running subcommand, for the message of a stop by signal
+USAGE = """usage: diffinv {fit,predict,bench} ...
+
+Real-image inversion and text-guided editing with latent diffusion models.
+
+  diffinv predict -c configs/npi.yaml [--data.manifest captions.jsonl] [--output_dir DIR] [...]
+                  invert and edit with an optimization-free method (DDIM, NPI, ProxNPI, CycleDiffusion,
+                  DirectInversion, EDICT, DDPM inversion), or edit saved inversions (--data.records DIR)
+  diffinv fit -c configs/null_text.yaml [...]
+                  the optimizing methods (null-text inversion, latent-TOP)
+  diffinv bench -c configs/bench_reconstruction.yaml [--output_dir DIR]
+                  several runs over one dataset, then tables and plots
+
+'diffinv predict -c CONFIG --help' lists every option, the config's model options last.
+"""
 
 
 class Stopped(BaseException):
@@ -55,63 +61,6 @@ def _on_signal(signum, frame) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the unwinding
     raise Stopped(signum)
-
-
-def _launching_process() -> bool:
-    """True in the process a user started (not a rank > 0 process Lightning launched for DDP)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK"))
-
-
-def run_settings(config) -> dict:
-    """The options of a parsed run that change its results (method, model, every method option, the image
-    preprocessing and perturbation, precision): stored in each record, compared before a rerun skips an item.
-    Batch size, devices, logging and metrics are left out: they do not change an image."""
-    def plain(x):
-        return json.loads(json.dumps(x.as_dict() if hasattr(x, "as_dict") else x, default=str))
-
-    data = config.data
-    return {"model": plain(config.model),
-            "data": {k: plain(data.get(k)) for k in ("resolution", "square", "perturb")},
-            "precision": str(config.trainer.get("precision"))}
-
-
-class DiffinvCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """Only what diffinv runs: ``fit`` (optimizing methods) and ``predict``; Lightning's ``validate`` and
-        ``test`` have nothing to evaluate here and are not offered."""
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--output_dir", type=str, default="outputs",
-                            help="Folder for results: <id>/ PNGs and inversion records, metrics.jsonl.")
-        parser.add_lightning_class_args(InversionWriter, "writer")
-        parser.add_lightning_class_args(ItemProgressBar, "progress")
-        parser.link_arguments("output_dir", "writer.output_dir")
-        parser.link_arguments("output_dir", "data.output_dir")
-        parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
-
-    def _instantiate_trainer(self, config, callbacks):
-        """``--trainer.enable_progress_bar false`` drops diffinv's progress bar (Lightning refuses a progress bar
-        callback when the bar is off)."""
-        if config.get("enable_progress_bar") is False:
-            callbacks = [c for c in callbacks if not isinstance(c, ItemProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def _before_run(self) -> None:
-        """Before any work and any write: the output folder is writable, every input is read and checked, the
-        items finished there are matched against this run (skipped only if the same work); then the folder is
-        locked for this run."""
-        config = self.config[self.subcommand]
-        check_output_dir(config.output_dir)
-        self.datamodule.run_settings = run_settings(config)
-        self.datamodule.setup("fit" if self.subcommand == "fit" else "predict")
-        if _launching_process():
-            _HELD.append(OutputLock(config.output_dir).acquire())
-        _OUTPUT[:] = [config.output_dir]
-
-    before_fit = _before_run
-    before_predict = _before_run
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -240,11 +189,22 @@ def main(args: list[str] | None = None) -> None:
     warnings.formatwarning = _one_line_warning
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return None if argv else sys.exit(2)
+    if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        print(f"diffinv: error: unknown subcommand {argv[0]!r}: use fit, predict or bench (diffinv --help)",
+              file=sys.stderr)
+        sys.exit(2)
+    from . import lightning_cli as lc
+    from .data import InversionData
+    from .inversion.base import InversionMethod
+
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        DiffinvCLI(InversionMethod, InversionData, subclass_mode_model=True, args=args, save_config_callback=None,
+        lc.DiffinvCLI(InversionMethod, InversionData, subclass_mode_model=True, args=args, save_config_callback=None,
                    auto_configure_optimizers=False)
     except SystemExit as e:
         wants_help = any(a in ("-h", "--help") for a in argv) and argv[:1] and argv[0] in SUBCOMMANDS
@@ -257,7 +217,7 @@ def main(args: list[str] | None = None) -> None:
         raise
     except Stopped as e:
         name = signal.Signals(e.signum).name
-        where = f" in {_OUTPUT[0]}" if _OUTPUT else ""
+        where = f" in {lc.OUTPUT[0]}" if lc.OUTPUT else ""
         print(f"diffinv: stopped by {name}: the finished items are kept{where}, the one in progress was not written; "
               "run the same command again to continue", file=sys.stderr)
         sys.exit(128 + e.signum)
@@ -270,9 +230,9 @@ def main(args: list[str] | None = None) -> None:
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        while _HELD:
-            _HELD.pop().release()
-        _OUTPUT.clear()
+        while lc.HELD:
+            lc.HELD.pop().release()
+        lc.OUTPUT.clear()
 
 
 if __name__ == "__main__":

@@ -36,10 +36,7 @@ from torch import Tensor
 
 from ..errors import DiffinvError
 from .alignment import equalizer, refine_mapping, replace_mapping, token_positions, word_token_spans
-
-
-class Editor:
-    """Base of the editing recipes a method's ``editor`` field takes."""
+from .editor import EditContext, Editor, Row, SampleRows
 
 
 class PromptToPrompt(Editor):
@@ -164,6 +161,21 @@ class PromptToPrompt(Editor):
             substruct_tokens=substruct if self.substruct_words else None, substruct_threshold=self.substruct_threshold,
             latent_hw=latent_hw,
             control_unconditional=negative_is_source if self.control_unconditional is None else self.control_unconditional)
+
+    def check(self, tokenizer, source: str, targets: list[str]) -> None:
+        """Word swap needs as many words in each target as in the source (one line naming both counts)."""
+        if self.mode == "replace":
+            check_word_counts(tokenizer, source, targets)
+
+    def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
+        """Every row at once, under attention control: each edit row reads its item's reconstruction row."""
+        first = ctx.first_row(rows)
+        controller = self.controller(
+            ctx.tokenizer, sources=[ctx.sources[row.item] for row in rows], targets=[row.target for row in rows],
+            source_index=[first[row.item] for row in rows], num_steps=ctx.schedule.num_steps,
+            latent_hw=tuple(starts.shape[-2:]), negative_is_source=ctx.negative_is_source).to(ctx.device)
+        with attention_control(ctx.unet, controller):
+            return run(list(range(len(rows))), starts, controller=controller)
 
 
 @dataclass

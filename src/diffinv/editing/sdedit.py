@@ -10,7 +10,7 @@ from torch import Tensor
 from ..ddim import Schedule, from_x0
 from ..errors import DiffinvError
 from ..seeds import keyed_normal
-from .prompt_to_prompt import Editor
+from .editor import EditContext, Editor, Row, SampleRows
 
 
 class SDEdit(Editor):
@@ -42,3 +42,18 @@ class SDEdit(Editor):
             return trajectory[k]
         noise = torch.stack([keyed_normal(tuple(z0.shape[1:]), self.seed, *key) for key in keys]).to(z0)
         return from_x0(z0, noise, schedule.alphas[k].to(z0.dtype))
+
+    def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
+        """The reconstructions as the method samples them; the edits from :meth:`start_latents`, part of the way."""
+        recon = [r for r, row in enumerate(rows) if not row.is_edit]
+        edits = [r for r, row in enumerate(rows) if row.is_edit]
+        latents = torch.empty_like(starts)
+        latents[recon] = run(recon, starts[recon])
+        if edits:
+            z0 = torch.stack([ctx.z0[rows[r].item] for r in edits]).to(starts.device)
+            traj = torch.stack([ctx.trajectories[rows[r].item] for r in edits], dim=1).to(starts.device)
+            keys = [(ctx.item_ids[rows[r].item], rows[r].target) for r in edits]
+            n = ctx.schedule.num_steps
+            latents[edits] = run(edits, self.start_latents(z0, traj, ctx.schedule, keys).to(starts.dtype),
+                                 start_level=self.start_level(n))
+        return latents

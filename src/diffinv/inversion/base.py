@@ -20,9 +20,8 @@ from torch import Tensor
 from ..backbone import Backbone, BackboneConfig
 from ..data import Item, fit_to_model, image_tensor
 from ..ddim import Schedule, invert
-from ..editing.prompt_to_prompt import Editor, PromptToPrompt, attention_control, check_word_counts
+from ..editing.editor import EditContext, Editor, Row
 from ..editing.sampler import sample
-from ..editing.sdedit import SDEdit
 from ..errors import DiffinvError
 from ..guidance import ProximalGuidance
 from .record import Inversion
@@ -159,9 +158,8 @@ class InversionMethod(L.LightningModule):
         if not torch.equal(schedule.timesteps.cpu(), inversions[0].timesteps.cpu()):
             raise DiffinvError(f"the inversion's timesteps do not match this model's {n}-step schedule "
                                "(was it made with another model or scheduler?)")
-        rows = []  # (item index, prompt, target prompt or None)
-        for g, (inv, targets) in enumerate(zip(inversions, target_prompts)):
-            rows += [(g, inv.source_prompt, None)] + [(g, t, t) for t in targets]
+        rows = [row for g, (inv, targets) in enumerate(zip(inversions, target_prompts))
+                for row in [Row(g, inv.source_prompt, None), *(Row(g, t, t) for t in targets)]]
         dev = self.device
         uncond = [self.unconditional(inv).to(dev) for inv in inversions]
         if any(u.dim() == 3 for u in uncond):
@@ -172,8 +170,8 @@ class InversionMethod(L.LightningModule):
         # A record may pin the guidance scale its reconstruction needs (CycleDiffusion encodes at its own).
         recon_w = [float(inv.meta.get("reconstruction_guidance_scale", self.guidance_scale)) for inv in inversions]
 
-        def row_guidance(picked_rows: list) -> float | Tensor:
-            ws = [self.guidance_scale if target is not None else recon_w[g] for g, _, target in picked_rows]
+        def row_guidance(picked_rows: list[Row]) -> float | Tensor:
+            ws = [self.guidance_scale if row.is_edit else recon_w[row.item] for row in picked_rows]
             return ws[0] if len(set(ws)) == 1 else torch.tensor(ws)
 
         kinds = {(None if c is None else c[1], None if p is None else p[1]) for c, p in zip(codes, pairs)}
@@ -184,60 +182,45 @@ class InversionMethod(L.LightningModule):
             raise DiffinvError("records that start sampling at different levels (DDPM inversion's skip) cannot be "
                                "sampled in one batch")
         level = levels.pop()
-        first_row = {}
-        for r, (g, _, _) in enumerate(rows):
-            first_row.setdefault(g, r)
 
         def run(picked: list[int], z_start: Tensor, **kw) -> Tensor:
-            u = torch.stack([uncond[rows[r][0]] for r in picked], dim=1 if uncond[0].dim() == 3 else 0)
+            """Sample the rows ``picked`` from ``z_start`` (diffinv.editing.editor.SampleRows)."""
+            sel = [rows[r] for r in picked]
+            if level < n:
+                kw.setdefault("start_level", level)  # the record's own start (DDPM inversion's T - T_skip)
+            u = torch.stack([uncond[row.item] for row in sel], dim=1 if uncond[0].dim() == 3 else 0)
             return sample(
                 self.backbone, schedule,
                 z_T=z_start,
-                cond=self.backbone.encode_prompts([rows[r][1] for r in picked]),
+                cond=self.backbone.encode_prompts([row.prompt for row in sel]),
                 uncond=u,
-                guidance_scale=row_guidance([rows[r] for r in picked]),
-                uncond_is_cond=torch.tensor([rows[r][2] is None and self.unconditional_is_source(inversions[rows[r][0]])
-                                             for r in picked], device=dev),
+                guidance_scale=row_guidance(sel),
+                uncond_is_cond=torch.tensor([not row.is_edit and self.unconditional_is_source(inversions[row.item])
+                                             for row in sel], device=dev),
                 proximal=self.proximal,
-                groups=torch.tensor([rows[r][0] for r in picked], device=dev),
-                edit_rows=torch.tensor([rows[r][2] is not None for r in picked], device=dev),
-                z0=torch.stack([inversions[rows[r][0]].z0 for r in picked]).to(dev),
-                trajectory=torch.stack([inversions[rows[r][0]].trajectory for r in picked], dim=1).to(dev),
+                groups=torch.tensor([row.item for row in sel], device=dev),
+                edit_rows=torch.tensor([row.is_edit for row in sel], device=dev),
+                z0=torch.stack([inversions[row.item].z0 for row in sel]).to(dev),
+                trajectory=torch.stack([inversions[row.item].trajectory for row in sel], dim=1).to(dev),
                 eta=0.0 if codes[0] is None else codes[0][1],
                 step_noise=(None if codes[0] is None
-                            else torch.stack([codes[rows[r][0]][0] for r in picked], dim=1).to(dev)),
-                snap_rows=torch.tensor([rows[r][2] is None and self.snaps_source() for r in picked], device=dev),
+                            else torch.stack([codes[row.item][0] for row in sel], dim=1).to(dev)),
+                snap_rows=torch.tensor([not row.is_edit and self.snaps_source() for row in sel], device=dev),
                 coupled=(None if pairs[0] is None  # a run from a lower level (SDEdit) starts both sequences there
                          else (z_start if "start_level" in kw
-                               else torch.stack([pairs[rows[r][0]][0] for r in picked]).to(dev), pairs[0][1])),
+                               else torch.stack([pairs[row.item][0] for row in sel]).to(dev), pairs[0][1])),
                 **kw,
             )
 
-        every = list(range(len(rows)))
         start_of = [inv.trajectory[level] if level < n else inv.start_latent for inv in inversions]
-        starts = torch.stack([start_of[rows[r][0]] for r in every]).to(dev)
-        at_level = {} if level == n else {"start_level": level}
-        if isinstance(self.editor, SDEdit):
-            recon = [r for r in every if rows[r][2] is None]
-            edits = [r for r in every if rows[r][2] is not None]
-            latents = torch.empty_like(starts)
-            latents[recon] = run(recon, starts[recon], **at_level)
-            if edits:
-                z0 = torch.stack([inversions[rows[r][0]].z0 for r in edits]).to(dev)
-                traj = torch.stack([inversions[rows[r][0]].trajectory for r in edits], dim=1).to(dev)
-                keys = [(ids[rows[r][0]], rows[r][2]) for r in edits]
-                latents[edits] = run(edits, self.editor.start_latents(z0, traj, schedule, keys).to(starts.dtype),
-                                     start_level=self.editor.start_level(n))
-        elif isinstance(self.editor, PromptToPrompt):
-            controller = self.editor.controller(
-                self.backbone.tokenizer, sources=[inversions[g].source_prompt for g, _, _ in rows],
-                targets=[t for _, _, t in rows], source_index=[first_row[g] for g, _, _ in rows], num_steps=n,
-                latent_hw=tuple(starts.shape[-2:]),
-                negative_is_source=all(self.unconditional_is_source(inv) for inv in inversions)).to(dev)
-            with attention_control(self.backbone.unet, controller):
-                latents = run(every, starts, controller=controller, **at_level)
-        else:
-            latents = run(every, starts, **at_level)
+        starts = torch.stack([start_of[row.item] for row in rows]).to(dev)
+        ctx = EditContext(
+            tokenizer=self.backbone.tokenizer, schedule=schedule, item_ids=ids,
+            sources=[inv.source_prompt for inv in inversions], z0=[inv.z0 for inv in inversions],
+            trajectories=[inv.trajectory for inv in inversions],
+            negative_is_source=all(self.unconditional_is_source(inv) for inv in inversions),
+            unet=self.backbone.unet, device=dev)
+        latents = (self.editor or Editor()).sample(run, rows, starts, ctx)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
             count = 1 + len(targets)
@@ -259,9 +242,9 @@ class InversionMethod(L.LightningModule):
             warnings.warn(f"--data.resolution {r} is {r / native:.0f}x the model's native "
                           f"{native}: each step costs about {(r / native) ** 2:.0f}x as "
                           "much and the model was not trained at that size (results are usually poor)", stacklevel=2)
-        if isinstance(self.editor, PromptToPrompt) and self.editor.mode == "replace":
+        if self.editor is not None:
             for item in items:
-                check_word_counts(self.backbone.tokenizer, item.source_prompt, item.target_prompts)
+                self.editor.check(bb.tokenizer, item.source_prompt, item.target_prompts)
 
     def on_predict_start(self) -> None:
         self.check_items(getattr(self.trainer.datamodule, "items", None) or [])
@@ -383,6 +366,15 @@ class OptimizingInversion(InversionMethod):
         # parameter, so there is this one; it is never used: gradients come from torch.autograd.grad on the
         # per-image tensors, so DDP never all-reduces anything (each process optimises its own images).
         self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
+
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass instead of keeping them (set by the subclasses)."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        unet = self._backbone.unet
+        if self.gradient_checkpointing and not unet.is_gradient_checkpointing:
+            unet.enable_gradient_checkpointing()  # acts only where gradients are taken: sampling is unchanged
 
     def unconditional(self, inversion: Inversion) -> Tensor:
         if inversion.unconditional is not None:

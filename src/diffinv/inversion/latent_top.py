@@ -129,6 +129,7 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         noise_bias_rounds: int = 0,
         noise_bias_lr: float = 1e-2,
         seed: int = 0,
+        gradient_checkpointing: bool = False,
         editor: Editor | None = None,
     ):
         """
@@ -157,9 +158,13 @@ class LatentTrajectoryOptimization(OptimizingInversion):
                 0: z_T is learnt at the first step only.
             noise_bias_lr: Adam lr of those rounds' z_T step.
             seed: Seed of the random starts.
+            gradient_checkpointing: Recompute the UNet's activations in each backward pass instead of keeping
+                them (diffusers' gradient checkpointing): less memory for the optimisation, about one more UNet
+                forward per iteration; the results are the same (tested).
             editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
+        self.gradient_checkpointing = gradient_checkpointing
         self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor,
                                          schedule_steps)
         self.num_starts, self.hops = num_starts, hops

@@ -1,0 +1,78 @@
+"""What an editor is to the pipeline: a small protocol over typed rows.
+
+The pipeline (:meth:`diffinv.inversion.base.InversionMethod.edit`) lays out the rows of a batch, one per image to
+produce, and hands them to its editor with a ``run`` function that samples any subset of them from given start
+latents. The editor decides what to run and how: none (every row from its inverted latent), Prompt-to-Prompt
+(every row at once under attention control), SDEdit (the edits from a noised latent, part of the way). The
+pipeline knows no editor; an editor knows no inversion method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from ..ddim import Schedule
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image a sampling run produces: an item's reconstruction or one of its edits."""
+
+    item: int
+    """Index of its item (its inversion) in the batch."""
+    prompt: str
+    """Its condition: the source prompt (reconstruction) or the target prompt (edit)."""
+    target: str | None
+    """The target prompt of an edit; None for the reconstruction."""
+
+    @property
+    def is_edit(self) -> bool:
+        return self.target is not None
+
+
+class SampleRows(Protocol):
+    def __call__(self, picked: list[int], z_start: Tensor, **options) -> Tensor:
+        """Latents z_0 of the rows ``picked`` (indices into the run's rows) from ``z_start`` (one per picked row);
+        ``options`` go to :func:`diffinv.editing.sampler.sample` (``start_level``, ``controller``)."""
+
+
+@dataclass
+class EditContext:
+    """What an editor may read about the batch it edits."""
+
+    tokenizer: object
+    schedule: Schedule
+    item_ids: list[str]
+    """Each item's id (seeds SDEdit's noise)."""
+    sources: list[str]
+    """Each item's source prompt."""
+    z0: list[Tensor]
+    """Each item's source latent (C, h, w)."""
+    trajectories: list[Tensor]
+    """Each item's inversion trajectory (N + 1, C, h, w)."""
+    negative_is_source: bool
+    """Every item's unconditional branch is its source prompt (NPI-like): Prompt-to-Prompt controls it too."""
+    unet: object
+    device: object
+
+    def first_row(self, rows: list[Row]) -> dict[int, int]:
+        """Each item's first row (its reconstruction: the source of its edits' attention)."""
+        first: dict[int, int] = {}
+        for r, row in enumerate(rows):
+            first.setdefault(row.item, r)
+        return first
+
+
+class Editor:
+    """Base of the editing recipes a method's ``editor`` field takes; itself the plain prompt swap: every row
+    sampled from its inverted latent with its own condition."""
+
+    def check(self, tokenizer, source: str, targets: list[str]) -> None:
+        """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""
+
+    def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
+        """The latents of every row (aligned with ``rows``); ``starts``: each row's inverted start latent."""
+        return run(list(range(len(rows))), starts)

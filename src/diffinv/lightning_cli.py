@@ -1,0 +1,76 @@
+"""The Lightning side of the ``diffinv`` command: LightningCLI over the inversion methods and the data module, with
+the output folder checked, matched against the run and locked before any work (imported only to run ``fit`` or
+``predict``: ``diffinv --help`` and ``diffinv bench`` do not pay for Lightning's import)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import InversionWriter, ItemProgressBar
+from .output import OutputLock, check_output_dir
+
+SUBCOMMANDS = ("fit", "predict")
+HELD: list[OutputLock] = []  # the output folder locks this process holds (released by diffinv.cli.main)
+OUTPUT: list[str] = []  # the output folder of the running subcommand, for the message of a stop by signal
+
+
+def _launching_process() -> bool:
+    """True in the process a user started (not a rank > 0 process Lightning launched for DDP)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK"))
+
+
+def run_settings(config) -> dict:
+    """The options of a parsed run that change its results (method, model, every method option, the image
+    preprocessing and perturbation, precision): stored in each record, compared before a rerun skips an item.
+    Batch size, devices, logging and metrics are left out: they do not change an image."""
+    def plain(x):
+        return json.loads(json.dumps(x.as_dict() if hasattr(x, "as_dict") else x, default=str))
+
+    data = config.data
+    return {"model": plain(config.model),
+            "data": {k: plain(data.get(k)) for k in ("resolution", "square", "perturb")},
+            "precision": str(config.trainer.get("precision"))}
+
+
+class DiffinvCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only what diffinv runs: ``fit`` (optimizing methods) and ``predict``; Lightning's ``validate`` and
+        ``test`` have nothing to evaluate here and are not offered."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str, default="outputs",
+                            help="Folder for results: <id>/ PNGs and inversion records, metrics.jsonl.")
+        parser.add_lightning_class_args(InversionWriter, "writer")
+        parser.add_lightning_class_args(ItemProgressBar, "progress")
+        parser.link_arguments("output_dir", "writer.output_dir")
+        parser.link_arguments("output_dir", "data.output_dir")
+        parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
+
+    def _instantiate_trainer(self, config, callbacks):
+        """``--trainer.enable_progress_bar false`` drops diffinv's progress bar (Lightning refuses a progress bar
+        callback when the bar is off)."""
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ItemProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _before_run(self) -> None:
+        """Before any work and any write: the output folder is writable, every input is read and checked, the
+        items finished there are matched against this run (skipped only if the same work); then the folder is
+        locked for this run."""
+        config = self.config[self.subcommand]
+        check_output_dir(config.output_dir)
+        self.datamodule.run_settings = run_settings(config)
+        self.datamodule.setup("fit" if self.subcommand == "fit" else "predict")
+        if _launching_process():
+            HELD.append(OutputLock(config.output_dir).acquire())
+        OUTPUT[:] = [config.output_dir]
+
+    before_fit = _before_run
+    before_predict = _before_run
+
+
