@@ -4,8 +4,8 @@
                     [--model.num_inference_steps N] [--model.backbone.pretrained HUB_ID_OR_FOLDER]
 
 Every problem with the user's input, model, files or settings ends in one line ``diffinv: error: ...`` and exit
-status 2, before anything is written (:func:`report`); SIGINT and SIGTERM stop a run between two items' writes,
-keeping the finished items (exit 128 + the signal's number).
+status 2, before anything is written (:func:`one_line`); SIGINT and SIGTERM stop a run at once, keeping the
+finished items and dropping the one in progress (exit 128 + the signal's number).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def _safe_id(text: str) -> str:
 
 
 @dataclass
-class Row:
+class InputRow:
     """One item to run, from any source (a manifest line, the command line, a saved record, PIE-Bench, COCO),
     before its image is read; ``where`` names it in messages."""
 
@@ -139,7 +139,7 @@ def _json_type(value) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def manifest_row(obj, folder: Path, where: str) -> Row:
+def manifest_row(obj, folder: Path, where: str) -> InputRow:
     """One manifest line, checked against :data:`MANIFEST_KEYS` (types, required keys, unknown keys)."""
     if not isinstance(obj, dict):
         raise DiffinvError(f"{where}: each line must be a JSON object, got {_json_type(obj)}")
@@ -167,7 +167,7 @@ def manifest_row(obj, folder: Path, where: str) -> Row:
     if not isinstance(obj.get("meta", {}), dict):
         raise DiffinvError(f"{where}: \"meta\" must be an object, got {_json_type(obj['meta'])}")
     resolve = lambda p: p if p.is_absolute() else folder / p  # noqa: E731
-    return Row(
+    return InputRow(
         where=where,
         image=resolve(Path(obj["image"]).expanduser()) if "image" in obj else None,
         inversion=resolve(Path(obj["inversion"]).expanduser()) if "inversion" in obj else None,
@@ -178,7 +178,7 @@ def manifest_row(obj, folder: Path, where: str) -> Row:
     )
 
 
-def read_manifest(path: str | Path) -> list[Row]:
+def read_manifest(path: str | Path) -> list[InputRow]:
     """Rows of a captions.jsonl (UTF-8, a byte-order mark allowed), one JSON object per line (see
     :data:`MANIFEST_KEYS`), image paths resolved against the manifest's folder."""
     path = Path(path)
@@ -205,7 +205,7 @@ def read_manifest(path: str | Path) -> list[Row]:
     return rows
 
 
-def record_rows(path: str | Path, target_prompts: list[str]) -> list[Row]:
+def record_rows(path: str | Path, target_prompts: list[str]) -> list[InputRow]:
     """Rows that edit saved Inversion records: ``path`` is one record or a folder of a previous run
     (``<id>/inversion.safetensors``). Target prompts: ``target_prompts`` if given, else those saved with it."""
     from .inversion.record import Inversion
@@ -220,7 +220,7 @@ def record_rows(path: str | Path, target_prompts: list[str]) -> list[Row]:
     for f in files:
         rec = Inversion.load(f)
         saved = json.loads(rec.meta.get("target_prompts", "[]"))
-        rows.append(Row(where=str(f), source_prompt=rec.source_prompt, target_prompts=target_prompts or saved,
+        rows.append(InputRow(where=str(f), source_prompt=rec.source_prompt, target_prompts=target_prompts or saved,
                         inversion=f, id=f.parent.name if f.name == DONE_MARKER else f.stem, record=rec))
     return rows
 
@@ -239,7 +239,7 @@ def pie_bench_mask(rle: list[int], shape: tuple[int, int] = (512, 512)) -> np.nd
     return mask
 
 
-def pie_bench_rows(root: str | Path) -> list[Row]:
+def pie_bench_rows(root: str | Path) -> list[InputRow]:
     """Rows of PIE-Bench (``root/mapping_file.json`` + ``root/annotation_images/``): the source prompt is
     ``original_prompt``, the single target is ``editing_prompt`` with its ``[ ]`` markers stripped."""
     root = Path(root)
@@ -254,7 +254,7 @@ def pie_bench_rows(root: str | Path) -> list[Row]:
     rows = []
     for key, e in sorted(entries.items()):
         try:
-            rows.append(Row(
+            rows.append(InputRow(
                 image=root / "annotation_images" / e["image_path"],
                 source_prompt=_EDIT_MARKERS.sub("", e["original_prompt"]).strip(),
                 target_prompts=[" ".join(_EDIT_MARKERS.sub("", e["editing_prompt"]).split())],
@@ -268,7 +268,7 @@ def pie_bench_rows(root: str | Path) -> list[Row]:
     return rows
 
 
-def coco_rows(captions: str | Path, images: str | Path | None, count: int | None, seed: int) -> list[Row]:
+def coco_rows(captions: str | Path, images: str | Path | None, count: int | None, seed: int) -> list[InputRow]:
     """Rows of COCO captions (``captions_val*.json``): ``count`` random images (seeded; all if None), each with
     its first caption (lowest annotation id) as source prompt. ``images``: the image folder (default: beside the
     captions file, ``val2017``/``val2014`` by the file's name)."""
@@ -291,11 +291,11 @@ def coco_rows(captions: str | Path, images: str | Path | None, count: int | None
     if count is not None:
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, size=min(count, len(ids)), replace=False).tolist())
-    return [Row(image=Path(images) / files[i], source_prompt=" ".join(first[i][1].split()), id=f"coco-{i}",
+    return [InputRow(image=Path(images) / files[i], source_prompt=" ".join(first[i][1].split()), id=f"coco-{i}",
                 where=f"{captions}:image {i}") for i in ids]
 
 
-def build_items(rows: list[Row], resolution: int | None, square: bool, max_aspect: float | None = None) -> list[Item]:
+def build_items(rows: list[InputRow], resolution: int | None, square: bool, max_aspect: float | None = None) -> list[Item]:
     """Read and check every row's image and prompts (any problem: one line naming the row); ids made unique.
     ``max_aspect``: refuse an image whose long side is more than this many times its short one (unless
     ``square`` crops it)."""
@@ -494,7 +494,7 @@ class InversionData(L.LightningDataModule):
         self.items: list[Item] | None = None
         self.skipped: list[str] = []
 
-    def rows(self) -> list[Row]:
+    def rows(self) -> list[InputRow]:
         """The items' rows; ``limit`` keeps the first ones (COCO: a seeded random draw)."""
         if self.coco_captions is not None:
             return coco_rows(self.coco_captions, self.coco_images, self.limit, self.seed)
@@ -503,7 +503,7 @@ class InversionData(L.LightningDataModule):
         elif self.records is not None:
             rows = record_rows(self.records, self.target_prompts)
         elif self.image is not None:
-            rows = [Row(where="--data.image", image=Path(self.image).expanduser(), source_prompt=self.source_prompt,
+            rows = [InputRow(where="--data.image", image=Path(self.image).expanduser(), source_prompt=self.source_prompt,
                         target_prompts=self.target_prompts)]
         else:
             rows = read_manifest(self.manifest or EXAMPLES)
