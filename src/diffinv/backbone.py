@@ -8,6 +8,7 @@ Lightning moves them to the right device.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -232,10 +233,11 @@ class Backbone(nn.Module):
             return (z - a.sqrt() * out) / (1 - a).sqrt()
         raise DiffinvError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
 
-    @property
+    @functools.cached_property
     def max_steps(self) -> int:
         """The most DDIM steps the scheduler allows: every timestep (spacing and offset applied) must index the
-        training schedule (SD's 'leading' spacing with steps_offset 1 allows 999 of its 1000)."""
+        training schedule (SD's 'leading' spacing with steps_offset 1 allows 999 of its 1000). Found once: the
+        scheduler's config does not change."""
         total = self.scheduler.config.num_train_timesteps
         for n in range(total, 0, -1):
             try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
@@ -107,7 +106,7 @@ def write_item(r: ItemResult, output_dir: Path, method: str, model: str, guidanc
 
 
 class InversionWriter(BasePredictionWriter):
-    """Writes every predicted item under ``output_dir`` (see the module docstring for the layout)."""
+    """Writes every predicted item under ``output_dir`` (layout and rules: :mod:`diffinv.output`)."""
 
     def __init__(self, output_dir: str = "outputs", lpips: list[Literal["alex", "vgg"]] | None = None,
                  clip_model: str | None = None):

@@ -292,7 +292,7 @@ def coco_rows(captions: str | Path, images: str | Path | None, count: int | None
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, size=min(count, len(ids)), replace=False).tolist())
     return [InputRow(image=Path(images) / files[i], source_prompt=" ".join(first[i][1].split()), id=f"coco-{i}",
-                where=f"{captions}:image {i}") for i in ids]
+                     where=f"{captions}:image {i}") for i in ids]
 
 
 def build_items(rows: list[InputRow], resolution: int | None, square: bool, max_aspect: float | None = None) -> list[Item]:

@@ -258,9 +258,14 @@ def write_item(output_dir: Path, item_id: str, images: dict, lines: list[dict], 
     append_lines(output_dir, lines)
 
 
+def _holds_only_ours(folder: Path) -> bool:
+    """A folder holding nothing but the files diffinv writes in an item (:data:`ITEM_FILES`)."""
+    return folder.is_dir() and all(ITEM_FILES.fullmatch(p.name) for p in folder.iterdir())
+
+
 def _remove_partial(tmp: Path) -> None:
     """Remove an interrupted run's ``.<id>.partial`` folder, only if it holds nothing but diffinv's files."""
-    if not tmp.is_dir() or not all(ITEM_FILES.fullmatch(p.name) for p in tmp.iterdir()):
+    if not _holds_only_ours(tmp):
         raise DiffinvError(f"{tmp} holds files diffinv did not write: diffinv does not delete it; move it away")
     shutil.rmtree(tmp)
 
@@ -316,8 +321,8 @@ def reconcile_metrics(output_dir: Path) -> tuple[int, int]:
     output_dir = Path(output_dir)
     index = output_dir / INDEX
     for partial in output_dir.glob(".*.partial"):
-        if partial.is_dir() and all(ITEM_FILES.fullmatch(p.name) for p in partial.iterdir()):
-            _remove_partial(partial)  # an item an earlier run was building when it stopped
+        if _holds_only_ours(partial):
+            shutil.rmtree(partial)  # an item an earlier run was building when it stopped
     finished = {p.parent.name for p in output_dir.glob(f"*/{DONE_MARKER}") if not p.parent.name.startswith(".")}
     if not index.exists() and not finished:
         return 0, 0
