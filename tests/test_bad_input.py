@@ -230,7 +230,7 @@ def test_only_fit_and_predict_are_offered(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "-c", str(REPO / "configs/npi.yaml")])
     assert e.value.code == 2
-    assert f"diffinv: error: unknown subcommand '{sub}': use fit, predict or bench" in capsys.readouterr().err
+    assert f"diffinv: error: unknown subcommand '{sub}': use fit, predict, bench or serve" in capsys.readouterr().err
 
 
 def test_top_level_help_answers_without_importing_torch_or_lightning():

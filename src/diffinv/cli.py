@@ -33,7 +33,7 @@ _QUIET = (
     r".*val_dataloader.*",
 )
 SUBCOMMANDS = ("fit", "predict")
-USAGE = """usage: diffinv {fit,predict,bench} ...
+USAGE = """usage: diffinv {fit,predict,bench,serve} ...
 
 Real-image inversion and text-guided editing with latent diffusion models.
 
@@ -44,6 +44,8 @@ Real-image inversion and text-guided editing with latent diffusion models.
                   the optimizing methods (null-text inversion, latent-TOP)
   diffinv bench -c configs/bench_reconstruction.yaml [--output_dir DIR]
                   several runs over one dataset, then tables and plots
+  diffinv serve [--host 127.0.0.1] [--port 7860] [--output_dir DIR]
+                  the browser editor: invert an image once, then edit it by typing (pip install 'diffinv[app]')
 
 'diffinv predict -c CONFIG --help' lists every option, the config's model options last.
 """
@@ -174,14 +176,16 @@ def model_options(class_path: str, values: dict) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """``diffinv fit|predict ...`` (LightningCLI) or ``diffinv bench -c configs/bench_*.yaml``."""
+    """``diffinv fit|predict ...`` (LightningCLI), ``diffinv bench -c configs/bench_*.yaml`` or ``diffinv serve``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
+    if argv[:1] in (["bench"], ["serve"]):
+        if argv[0] == "bench":
+            from .bench import main as run
+        else:
+            from .app.ui import main as run
         try:
-            return bench_main(argv[1:])
+            return run(argv[1:])
         except DiffinvError as e:
             print(f"diffinv: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -193,7 +197,7 @@ def main(args: list[str] | None = None) -> None:
         print(USAGE, end="")
         return None if argv else sys.exit(2)
     if not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        print(f"diffinv: error: unknown subcommand {argv[0]!r}: use fit, predict or bench (diffinv --help)",
+        print(f"diffinv: error: unknown subcommand {argv[0]!r}: use fit, predict, bench or serve (diffinv --help)",
               file=sys.stderr)
         sys.exit(2)
     from . import lightning_cli as lc

@@ -8,6 +8,8 @@ reconstruction row, are evaluated once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,7 @@ def sample(
     step_noise: Tensor | None = None,
     snap_rows: Tensor | None = None,
     coupled: tuple[Tensor, float] | None = None,
+    observe: Callable[[int, Tensor, Tensor | None], None] | None = None,
 ) -> Tensor:
     """Latents z_0 (B, C, h, w) reached from z_T by N reverse DDIM steps (NPI eq. 2).
 
@@ -62,6 +65,9 @@ def sample(
             branch: the step's result plus z*_{k-1} minus it), before local blend reads them.
         coupled: (y_T (B, C, h, w), p): EDICT's coupled sampling (Wallace et al. eq. 14) from the pair (z_T, y_T)
             with mixing weight p; two guided UNet calls per step; returns the x sequence's z_0.
+        observe: Called after each step with the level k it left, the new latents and, under proximal guidance,
+            the step's unedited-region mask M (B, 1, h, w) (None otherwise): progress reports and mask display;
+            it cannot change the result.
     """
     B = z_T.shape[0]
     n = schedule.num_steps
@@ -112,6 +118,8 @@ def sample(
             y = p * y_inter + (1 - p) * z
             if controller is not None:
                 z, y = controller.after_step(z, n - k), controller.after_step(y, n - k)
+            if observe is not None:
+                observe(k, z, None)
             continue
         eps, keep = guided(z, k)
         # DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
@@ -130,4 +138,6 @@ def sample(
             z = torch.where(snap, trajectory[k - 1], z)  # DirectInversion: z + (z*_{k-1} - z), exactly
         if controller is not None:
             z = controller.after_step(z, n - k)  # Prompt-to-Prompt local blend
+        if observe is not None:
+            observe(k, z, keep)
     return z

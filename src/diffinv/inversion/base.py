@@ -11,7 +11,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import lightning as L
 import torch
@@ -42,6 +42,13 @@ class ItemResult:
     extra: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     """The item's dataset annotations (e.g. PIE-Bench's edit mask), for the writer."""
+
+
+class StepObserver(Protocol):
+    """Told after each sampling step: the rows being sampled, the level k the step left, their latents and
+    ProxNPI's unedited-region mask (None under plain CFG)."""
+
+    def __call__(self, rows: list[Row], k: int, z: Tensor, keep: Tensor | None) -> None: ...
 
 
 def _sync(device: torch.device) -> None:
@@ -146,10 +153,11 @@ class InversionMethod(L.LightningModule):
         return records
 
     def edit(self, inversions: list[Inversion], target_prompts: list[list[str]],
-             ids: list[str] | None = None) -> list[tuple[Tensor, list[Tensor]]]:
+             ids: list[str] | None = None, observe: StepObserver | None = None) -> list[tuple[Tensor, list[Tensor]]]:
         """Reconstruct each inversion (row 0: its source prompt) and apply its target prompts (rows 1..K), all
         rows of all items batched, with the configured editor. ``ids``: the items' ids (seed SDEdit's noise;
-        default: their source prompts). Returns (reconstruction latent, [edit latents]) per item."""
+        default: their source prompts). ``observe``: told each sampling step of each run (progress, ProxNPI's
+        masks). Returns (reconstruction latent, [edit latents]) per item."""
         ids = ids if ids is not None else [inv.source_prompt for inv in inversions]
         n = inversions[0].num_steps
         if any(inv.num_steps != n for inv in inversions):
@@ -209,6 +217,7 @@ class InversionMethod(L.LightningModule):
                 coupled=(None if pairs[0] is None  # a run from a lower level (SDEdit) starts both sequences there
                          else (z_start if "start_level" in kw
                                else torch.stack([pairs[row.item][0] for row in sel]).to(dev), pairs[0][1])),
+                observe=None if observe is None else (lambda k, z, keep: observe(sel, k, z, keep)),
                 **kw,
             )
 

@@ -1,0 +1,443 @@
+"""The browser editor's work without the browser: invert one image once, then edit it any number of times.
+
+:class:`Studio` holds the loaded models (one lock per model: one request at a time on its device) and the folder
+the user chose; every browser session has its own :class:`Session` and its own sub-folder, so nothing passes
+between two sessions. The Gradio page (:mod:`diffinv.app.ui`) is a thin layer over :meth:`Studio.invert`,
+:meth:`Studio.edit` and :meth:`Studio.load_record`. Everything here runs the same code as ``diffinv predict``:
+an edit made here equals the CLI's edit of the same image, prompts and settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..backbone import EMBEDDED_MODEL, Backbone, BackboneConfig
+from ..data import InputRow, build_items, check_prompt
+from ..editing.editor import Editor, Row
+from ..editing.prompt_to_prompt import PromptToPrompt
+from ..editing.sdedit import SDEdit
+from ..errors import DiffinvError
+from ..guidance import ProximalGuidance
+from ..inversion import (
+    CycleDiffusion,
+    DDIMInversion,
+    DDPMInversion,
+    DirectInversion,
+    EDICT,
+    Inversion,
+    InversionMethod,
+    LatentTrajectoryOptimization,
+    NegativePromptInversion,
+    NullTextInversion,
+    ProximalNegativePromptInversion,
+)
+from ..metrics import psnr
+from ..output import save_png
+
+METHODS: dict[str, type[InversionMethod]] = {
+    "DDIM": DDIMInversion,
+    "NPI": NegativePromptInversion,
+    "ProxNPI": ProximalNegativePromptInversion,
+    "NTI": NullTextInversion,
+    "latent-TOP": LatentTrajectoryOptimization,
+}
+"""The methods the page inverts with (the optimizing ones show a progress bar while they optimise)."""
+
+RECORD_METHODS: dict[str, type[InversionMethod]] = {
+    cls.method_name: cls for cls in (*METHODS.values(), CycleDiffusion, DDPMInversion, DirectInversion, EDICT)}
+"""Every method whose saved records the page can load and edit (by the record's ``method`` field)."""
+
+EditorName = Literal["none", "P2P replace", "P2P refine", "P2P reweight", "SDEdit"]
+EDITORS: tuple[str, ...] = EditorName.__args__
+MAX_EDITS = 64
+"""Edits kept per session; older ones leave the gallery (their files stay in the session's folder)."""
+
+Progress = Callable[[float, str], None]
+"""Told the fraction done (0..1) and what is being done."""
+
+
+def _quiet(fraction: float, what: str) -> None:
+    return None
+
+
+@dataclass
+class InvertSettings:
+    """What the Invert button runs."""
+
+    model: str = EMBEDDED_MODEL
+    """--model.backbone.pretrained: 'shapes' (embedded), a hub id in the local cache, or a diffusers folder."""
+    method: str = "NPI"
+    """One of :data:`METHODS`."""
+    steps: int = 50
+    """DDIM steps of inversion and sampling."""
+    guidance_scale: float = 7.5
+    """CFG scale of reconstruction and edits (ProxNPI: the scale of its proximal guidance)."""
+    quantile: float = 0.7
+    """ProxNPI's threshold quantile (ignored by the other methods)."""
+
+
+@dataclass
+class EditSettings:
+    """What the Edit button runs on the session's inversion."""
+
+    target_prompt: str
+    editor: str = "none"
+    """One of :data:`EDITORS`: none (the target prompt alone, the source prompt as negative where the method says
+    so), Prompt-to-Prompt replace / refine / reweight, or SDEdit."""
+    reweight_words: str = ""
+    """P2P reweight: words of the target prompt whose attention is scaled (comma- or space-separated)."""
+    reweight_scale: float = 2.0
+    blend_words: str = ""
+    """P2P local blend: source and target words whose region alone may change; empty: no local blend."""
+    cross_replace_steps: float = 0.8
+    self_replace_steps: float = 0.4
+    sdedit_strength: float = 0.5
+    show_mask: bool = False
+    """ProxNPI: also return the edit's mask (where the proximal operator let the edit act, averaged over steps)."""
+
+
+@dataclass
+class Picture:
+    """One image the page shows: its file, a caption and the seconds it took."""
+
+    path: Path
+    caption: str
+    seconds: float = 0.0
+
+
+@dataclass
+class Inverted:
+    """What Invert (or Load) produced."""
+
+    source: Picture
+    reconstruction: Picture
+    psnr: float
+    record: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Edited:
+    image: Picture
+    mask: Picture | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """One browser session's state: its folder, its current inversion and its edits (never shared)."""
+
+    folder: Path
+    record: Inversion | None = None
+    record_path: Path | None = None
+    run: Path | None = None
+    """The current inversion's sub-folder (one per Invert/Load: a new one never overwrites an older one)."""
+    settings: InvertSettings = field(default_factory=InvertSettings)
+    edits: list[Picture] = field(default_factory=list)
+    runs: int = 0
+
+    def files(self) -> list[Path]:
+        """The current inversion's downloadable files: its record, source, reconstruction and edits."""
+        if self.run is None:
+            return []
+        return sorted(p for p in self.run.iterdir() if p.suffix in (".png", ".safetensors"))
+
+    def gallery(self) -> list[Picture]:
+        """The source, then every edit (and mask) in order."""
+        if self.run is None:
+            return []
+        return [Picture(self.run / "source.png", "source"), *self.edits]
+
+
+def split_words(text: str) -> list[str]:
+    """'cat, dog' or 'cat dog' -> ['cat', 'dog']."""
+    return [w for w in re.split(r"[,\s]+", text or "") if w]
+
+
+def build_editor(settings: EditSettings) -> Editor | None:
+    """The editor the settings name (None: a plain prompt swap); bad values raise a one-line DiffinvError."""
+    name = settings.editor
+    if name not in EDITORS:
+        raise DiffinvError(f"unknown editor {name!r}: choose one of {', '.join(EDITORS)}")
+    if name == "none":
+        return None
+    if name == "SDEdit":
+        return SDEdit(strength=float(settings.sdedit_strength))
+    reweight = split_words(settings.reweight_words) if name == "P2P reweight" else []
+    if name == "P2P reweight" and not reweight:
+        raise DiffinvError("P2P reweight needs the words to reweight (e.g. 'red')")
+    return PromptToPrompt(
+        mode="replace" if name == "P2P replace" else "refine",
+        cross_replace_steps=float(settings.cross_replace_steps),
+        self_replace_steps=float(settings.self_replace_steps),
+        reweight_words=reweight or None,
+        reweight_scale=float(settings.reweight_scale),
+        local_blend_words=split_words(settings.blend_words) or None,
+    )
+
+
+def _number(value, what: str, low: float, high: float, integer: bool = False) -> float | int:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DiffinvError(f"{what} must be a number, got {value!r}") from None
+    if not low <= x <= high or (integer and x != int(x)):
+        kind = "a whole number" if integer else "a number"
+        raise DiffinvError(f"{what} must be {kind} in [{low:g}, {high:g}], got {value!r}")
+    return int(x) if integer else x
+
+
+def _write_png(image: Tensor, path: Path) -> Path:
+    """Write atomically (temporary file, then rename): a page never sees half a PNG."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save_png(image, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _caught(found: list[warnings.WarningMessage]) -> list[str]:
+    seen: list[str] = []
+    for w in found:
+        text = str(w.message).splitlines()[0]
+        if text not in seen:
+            seen.append(text)
+    return seen
+
+
+@contextmanager
+def unet_progress(unet: torch.nn.Module, timesteps: Tensor, phases: list[str], report: Progress) -> Iterator[None]:
+    """Report progress from the UNet's calls (a forward pre-hook: no method knows of it). A phase runs the
+    timesteps one way: inversion up, then each optimisation or sampling pass down from the top."""
+    order = {int(t): i for i, t in enumerate(timesteps.tolist())}
+    n = len(order)
+    state = {"phase": 0, "last": None, "down": False}
+
+    def hook(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        i = order.get(int(t.flatten()[0]) if isinstance(t, Tensor) else int(t))
+        if i is None:
+            return
+        last = state["last"]
+        if last is not None and i < last and not state["down"]:
+            state["phase"], state["down"] = state["phase"] + 1, True  # inversion done: optimising or sampling
+        elif last is not None and i > last and state["down"]:
+            state["phase"] += 1  # a descent ended and a new one starts at the top (sampling after optimising)
+        state["last"] = i
+        p = min(state["phase"], len(phases) - 1)
+        within = (n - i) / n if state["down"] else (i + 1) / n
+        report(min(0.99, (p + within) / len(phases)), f"{phases[p]}: step {(n - i) if state['down'] else i + 1}/{n}")
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Studio:
+    """The models and the folder of one ``diffinv serve``; the sessions' work runs here.
+
+    Args:
+        folder: Where everything is written (a sub-folder per browser session); nothing is written elsewhere.
+        device: 'cpu', 'cuda', 'cuda:1', ... or 'auto' (the GPU where there is one).
+        max_models: Models kept loaded at once; loading another drops the least recently used (when idle).
+    """
+
+    def __init__(self, folder: str | Path, device: str = "auto", max_models: int = 1):
+        self.folder = Path(folder).expanduser().resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise DiffinvError(f"unknown device {device!r} ({e})") from None
+        self.max_models = max(1, int(max_models))
+        self._models: OrderedDict[str, Backbone] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._pool = threading.Lock()
+
+    # --- models -----------------------------------------------------------------------------------------------
+    def _lock(self, model: str) -> threading.Lock:
+        with self._pool:
+            return self._locks.setdefault(model, threading.Lock())
+
+    def backbone(self, model: str) -> Backbone:
+        """The loaded model (loaded on first use; a missing one raises a one-line DiffinvError)."""
+        with self._pool:
+            if model in self._models:
+                self._models.move_to_end(model)
+                return self._models[model]
+            for old in list(self._models):
+                if len(self._models) < self.max_models:
+                    break
+                lock = self._locks.get(old)
+                if lock is None or not lock.locked():
+                    del self._models[old]
+        backbone = Backbone.load(BackboneConfig(pretrained=model)).to(self.device)
+        with self._pool:
+            self._models[model] = backbone
+        return backbone
+
+    def method(self, cls: type[InversionMethod], model: str, steps: int, guidance_scale: float,
+               quantile: float = 0.7, editor: Editor | None = None) -> InversionMethod:
+        """An inversion method on the shared, already loaded model."""
+        kw = dict(backbone=BackboneConfig(pretrained=model), num_inference_steps=steps,
+                  guidance_scale=guidance_scale, editor=editor)
+        if "proximal" in inspect.signature(cls).parameters:
+            kw["proximal"] = ProximalGuidance(quantile=quantile)
+        method = cls(**kw)
+        method._backbone = self.backbone(model)
+        return method.to(self.device)
+
+    # --- sessions ---------------------------------------------------------------------------------------------
+    def session(self, key: str) -> Session:
+        """A new session whose files go to ``<folder>/sessions/<key>``."""
+        safe = re.sub(r"[^A-Za-z0-9_-]+", "_", key or "session")[:64] or "session"
+        return Session(folder=self.folder / "sessions" / safe)
+
+    def _new_run(self, session: Session) -> Path:
+        session.runs += 1
+        run = session.folder / f"inversion-{session.runs:03d}"
+        while run.exists():
+            session.runs += 1
+            run = session.folder / f"inversion-{session.runs:03d}"
+        run.mkdir(parents=True)
+        return run
+
+    def _publish(self, session: Session, run: Path, record: Inversion, settings: InvertSettings,
+                 source: Tensor, reconstruction: Tensor, seconds: float, found: list[str]) -> Inverted:
+        """Write the run's files (the record last), then make it the session's current inversion."""
+        _write_png(source, run / "source.png")
+        _write_png(reconstruction, run / "reconstruction.png")
+        path = record.save(run / "inversion.safetensors")
+        value = psnr(reconstruction, source)
+        session.record, session.record_path, session.run, session.settings = record, path, run, settings
+        session.edits = []
+        return Inverted(
+            source=Picture(run / "source.png", "source"),
+            reconstruction=Picture(run / "reconstruction.png", f"reconstruction, {value:.2f} dB", seconds),
+            psnr=value, record=path, warnings=found)
+
+    def invert(self, session: Session, image: str | Path | None, caption: str, settings: InvertSettings,
+               progress: Progress = _quiet) -> Inverted:
+        """Check and invert one image with its caption; the session's current inversion becomes it."""
+        if image is None or not str(image).strip():
+            raise DiffinvError("no image: upload one first")
+        if settings.method not in METHODS:
+            raise DiffinvError(f"unknown method {settings.method!r}: choose one of {', '.join(METHODS)}")
+        steps = _number(settings.steps, "steps", 1, 1000, integer=True)
+        scale = _number(settings.guidance_scale, "guidance scale", 0, 100)
+        quantile = _number(settings.quantile, "ProxNPI quantile", 0, 1)
+        model = (settings.model or "").strip() or EMBEDDED_MODEL
+        settings = InvertSettings(model, settings.method, steps, scale, quantile)
+        caption = check_prompt(caption, "the caption")
+        items = build_items([InputRow("the uploaded image", caption, image=Path(image), id="image")],
+                            resolution=None, square=False, max_aspect=4.0)
+        progress(0.0, f"loading {model}")
+        with self._lock(model):
+            method = self.method(METHODS[settings.method], model, steps, scale, quantile)
+            with warnings.catch_warnings(record=True) as found:
+                warnings.simplefilter("always")
+                method.check_items(items)
+                phases = (["inverting", "optimising", "sampling"] if settings.method in ("NTI", "latent-TOP")
+                          else ["inverting", "sampling"])
+                t0 = time.perf_counter()
+                with unet_progress(method.backbone.unet, method.backbone.schedule(steps).timesteps, phases, progress):
+                    result = method.run_items(items)[0]
+                seconds = time.perf_counter() - t0
+            run = self._new_run(session)
+        progress(1.0, "done")
+        return self._publish(session, run, result.inversion, settings, result.source, result.reconstruction,
+                             seconds, _caught(found))
+
+    def load_record(self, session: Session, path: str | Path, progress: Progress = _quiet) -> Inverted:
+        """Load a saved inversion record (from this page or ``diffinv predict``/``fit``) and reconstruct it."""
+        if path is None or not str(path).strip():
+            raise DiffinvError("no record: upload a .safetensors inversion record")
+        record = Inversion.load(path)
+        cls = RECORD_METHODS.get(record.method)
+        if cls is None:
+            raise DiffinvError(f"the record was made by method {record.method!r}, which the page cannot edit "
+                               f"(it edits {', '.join(RECORD_METHODS)})")
+        name = next((k for k, v in METHODS.items() if v is cls), record.method)
+        settings = InvertSettings(record.model, name, record.num_steps, record.guidance_scale)
+        progress(0.0, f"loading {record.model}")
+        with self._lock(record.model):
+            method = self.method(cls, record.model, record.num_steps, record.guidance_scale)
+            with warnings.catch_warnings(record=True) as found:
+                warnings.simplefilter("always")
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    z = method.edit([record], [[]], ids=["image"], observe=self._sampling(record.num_steps, progress))
+                    reconstruction = method.backbone.decode(z[0][0][None].to(self.device))[0].cpu()
+                seconds = time.perf_counter() - t0
+            run = self._new_run(session)
+        source = record.source_image.float() / 255
+        return self._publish(session, run, record, settings, source, reconstruction, seconds, _caught(found))
+
+    @staticmethod
+    def _sampling(n: int, progress: Progress):
+        def observe(rows: list[Row], k: int, z: Tensor, keep: Tensor | None) -> None:
+            progress(min(0.99, (n - k + 1) / n), f"sampling: step {n - k + 1}/{n}")
+
+        return observe
+
+    def edit(self, session: Session, settings: EditSettings, progress: Progress = _quiet) -> Edited:
+        """Edit the session's current inversion with one target prompt (no new inversion)."""
+        record = session.record
+        if record is None or session.run is None:
+            raise DiffinvError("nothing to edit yet: invert an image (or load a record) first")
+        target = check_prompt(settings.target_prompt, "the target prompt")
+        editor = build_editor(settings)
+        cls = RECORD_METHODS[record.method]
+        s = session.settings
+        with self._lock(s.model):
+            method = self.method(cls, s.model, record.num_steps, record.guidance_scale, s.quantile, editor)
+            if editor is not None:
+                editor.check(method.backbone.tokenizer, record.source_prompt, [target])
+            masks: list[Tensor] = []
+            report = self._sampling(record.num_steps, progress)
+
+            def observe(rows: list[Row], k: int, z: Tensor, keep: Tensor | None) -> None:
+                report(rows, k, z, keep)
+                if keep is not None:
+                    masks.extend(1 - keep[r].float().cpu() for r, row in enumerate(rows) if row.is_edit)
+
+            with warnings.catch_warnings(record=True) as found:
+                warnings.simplefilter("always")
+                method.check_items([])  # the step count against the model
+                for message in method.backbone.prompt_warnings([target]):
+                    warnings.warn(message, stacklevel=1)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    z = method.edit([record], [[target]], ids=["image"], observe=observe)
+                    image = method.backbone.decode(z[0][1][0][None].to(self.device))[0].cpu()
+                seconds = time.perf_counter() - t0
+        number = len(list(session.run.glob("edit-[0-9][0-9][0-9].png"))) + 1
+        name = f"edit-{number:03d}"
+        label = settings.editor if settings.editor != "none" else "prompt"
+        picture = Picture(_write_png(image, session.run / f"{name}.png"),
+                          f"{target} ({label}, {seconds:.1f} s)", seconds)
+        mask = None
+        if settings.show_mask and masks:
+            m = torch.stack(masks).mean((0, 1))[None]  # (1, h, w): the share of steps and channels edited
+            big = torch.nn.functional.interpolate(m[None], size=image.shape[-2:], mode="nearest")[0]
+            mask = Picture(_write_png(big.expand(3, -1, -1), session.run / f"{name}-mask.png"),
+                           f"edit mask of '{target}' (white: edited)", 0.0)
+        session.edits = [*session.edits, picture, *([mask] if mask else [])][-MAX_EDITS:]
+        progress(1.0, "done")
+        return Edited(picture, mask, _caught(found))
