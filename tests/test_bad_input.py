@@ -237,7 +237,7 @@ def test_top_level_help_answers_without_importing_torch_or_lightning():
     code = ("import sys; from diffinv.cli import main; main(['--help']); "
             "print(sorted(m for m in ('torch', 'lightning', 'diffusers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
-    assert proc.returncode == 0 and "usage: diffinv {fit,predict,bench}" in proc.stdout
+    assert proc.returncode == 0 and "usage: diffinv {fit,predict,bench,serve}" in proc.stdout
     assert proc.stdout.strip().endswith("[]")  # none of them imported
 
 

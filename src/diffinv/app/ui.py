@@ -13,18 +13,29 @@ import traceback
 import uuid
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..errors import DiffinvError
-from .session import EDITORS, METHODS, EditSettings, Inverted, InvertSettings, Session, Studio
+
+if TYPE_CHECKING:  # the session module imports torch and Lightning: only after prepare_environment
+    from .session import Inverted, Session, Studio
 
 log = logging.getLogger("diffinv.serve")
+CSS = """
+#source img, #reconstruction img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#gallery img { image-rendering: pixelated; }
+"""
+"""Small images (the embedded model's are 32 px) shown large and sharp."""
 QUEUE = "device"
 """The one concurrency group of every event that runs a model: one request at a time."""
 
 
 def prepare_environment(folder: Path) -> None:
-    """Before Gradio is imported: no analytics or version calls, and its uploads kept inside ``folder``."""
+    """Before Gradio is imported: no analytics or version calls, and its uploads (and matplotlib's font cache,
+    which Gradio's import builds) kept inside ``folder``."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("GRADIO_TEMP_DIR", str(folder / ".uploads"))
+    os.environ.setdefault("MPLCONFIGDIR", str(folder / ".cache" / "matplotlib"))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
@@ -48,6 +59,8 @@ def status_line(ok: str | None = None, error: str | None = None, warnings: list[
 def build(studio: Studio, model: str = "shapes", steps: int = 50):
     """The page (a ``gr.Blocks``) over ``studio``; ``model`` and ``steps`` are the form's defaults."""
     import gradio as gr
+
+    from .session import EDITORS, METHODS, EditSettings, InvertSettings
 
     def own(session: Session | None) -> Session:
         """This tab's session: made on its first request, with a folder of its own."""
@@ -146,7 +159,8 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
                 self_steps = gr.Slider(0, 1, 0.4, step=0.05, label="P2P self-attention steps", elem_id="self")
                 strength = gr.Slider(0.05, 1, 0.5, step=0.05, label="SDEdit strength", elem_id="strength")
                 show_mask = gr.Checkbox(False, label="ProxNPI: show the edit mask", elem_id="show-mask")
-        shelf = gr.Gallery(label="Source and edits", columns=5, height=360, object_fit="contain", format="png",
+        shelf = gr.Gallery(label="Source and edits", columns=6, fit_columns=False, height=300, object_fit="contain",
+                           format="png",
                            elem_id="gallery")
 
         after = [session, source, reconstruction, status, shelf, outputs, download]
@@ -170,11 +184,13 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 7860, model: 
         import gradio  # noqa: F401
     except ImportError:
         raise DiffinvError("diffinv serve needs Gradio: pip install 'diffinv[app]'") from None
+    from .session import Studio
+
     studio = Studio(folder, device=device, max_models=max_models)
     page = build(studio, model=model, steps=steps)
     page.launch(server_name=host, server_port=port or None, share=False, inbrowser=False, ssr_mode=False,
                 allowed_paths=[str(folder)], prevent_thread_lock=not block, show_error=False, quiet=False,
-                footer_links=[])
+                footer_links=[], css=CSS)
     return page
 
 
