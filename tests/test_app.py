@@ -255,3 +255,14 @@ def test_the_page_shows_errors_in_one_line():
     assert message(KeyError("oops")).startswith("internal error (KeyError")
     assert status_line(error="bad") == "**Error:** bad"
     assert status_line("done", warnings=["long prompt"]) == "done\n\n*Warning:* long prompt"
+
+
+def test_every_button_waits_in_one_queue_of_one(studio):
+    """One request at a time on the device: every event that runs a model shares one concurrency group of 1."""
+    from diffinv.app.ui import QUEUE, build
+
+    page = build(studio)
+    events = list(page.fns.values())
+    assert {f.name for f in events} == {"on_invert", "on_load", "on_edit"}
+    assert {f.concurrency_id for f in events} == {QUEUE}
+    assert {f.concurrency_limit for f in events} == {"default"} and page._queue.default_concurrency_limit == 1

@@ -12,7 +12,6 @@ import os
 import traceback
 import uuid
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..errors import DiffinvError
