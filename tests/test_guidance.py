@@ -115,3 +115,54 @@ def test_reference_config_matches_the_authors_code():
                               config.mask_dilation)
         torch.testing.assert_close(ours[0], theirs[0])
         torch.testing.assert_close(ours[1], theirs[1])
+
+
+def test_guidance_rules_on_hand_made_tensors():
+    import pytest
+
+    from diffinv.guidance import ClassifierFree, Proximal, row_scale
+
+    u, c = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    eps, mask = ClassifierFree(3.0).combine(u, c)
+    assert torch.equal(eps, torch.full_like(u, 3.0)) and mask is None
+    per_row = row_scale(torch.tensor([1.0, 2.0]), u)
+    assert per_row.shape == (2, 1, 1, 1) and torch.equal(ClassifierFree(per_row).combine(u, c)[0][:, 0, 0, 0],
+                                                         torch.tensor([1.0, 2.0]))
+    z0, traj = torch.full((2, 1, 2, 2), 10.0), torch.stack([torch.full((2, 1, 2, 2), float(i)) for i in range(3)])
+    config = ProximalGuidance(step_size=0.5, until_timestep=400)
+    rule = Proximal(config, 7.5, groups=torch.arange(2), z0=z0, trajectory=traj)
+    keep = torch.tensor([1.0, 0.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    x0 = torch.zeros(2, 1, 2, 2)
+    # Alg. 1 line 10: x0 - eta M (x0 - z0), only where M = 1 and only while t < T_rec
+    assert torch.equal(rule.correct_x0(x0, 399, 2, keep)[:, 0, 0, 0], torch.tensor([5.0, 0.0]))
+    assert torch.equal(rule.correct_x0(x0, 400, 2, keep), x0)
+    # inversion guidance pulls towards z*_{k-1}
+    assert torch.equal(rule.correct_z(x0, 10, 2, keep)[:, 0, 0, 0], torch.tensor([0.5, 0.0]))
+    assert torch.equal(ClassifierFree(7.5).correct_x0(x0, 10, 2, None), x0)
+    with pytest.raises(ValueError, match="needs the source latents"):
+        Proximal(config, 7.5, groups=torch.arange(2), trajectory=traj)
+
+
+def test_the_sampler_takes_any_guidance_rule(tiny_backbone):
+    """A rule the sampler has never heard of plugs in: one that keeps the conditional branch only is CFG at 1."""
+    from diffinv.editing.sampler import sample
+
+    class ConditionalOnly:
+        def combine(self, eps_uncond, eps_cond):
+            return eps_cond, None
+
+        def correct_x0(self, x0, t, k, mask):
+            return x0
+
+        def correct_z(self, z, t, k, mask):
+            return z
+
+    bb = tiny_backbone
+    schedule = bb.schedule(3)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, null = bb.encode_prompts(["a photo of a cat", "a red car"]), bb.encode_prompts(["", ""])
+    with torch.no_grad():
+        ours = sample(bb, schedule, z, cond, null, ConditionalOnly())
+        cfg1 = sample(bb, schedule, z, cond, null, 1.0)
+        cfg7 = sample(bb, schedule, z, cond, null, 7.5)
+    assert torch.allclose(ours, cfg1, atol=1e-6) and not torch.allclose(ours, cfg7, atol=1e-3)

@@ -50,7 +50,7 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path):
 def test_pie_bench_metrics_are_computed_outside_the_edit_mask():
     """An edit that changes only the masked (edited) region scores perfectly on the unedited region."""
     from diffinv.callbacks import metric_lines
-    from diffinv.inversion.base import ItemResult
+    from diffinv.inversion.result import ItemResult
 
     rle = []
     for y in range(128, 384):  # the central half of the 512x512 annotation grid

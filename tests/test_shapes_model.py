@@ -67,7 +67,7 @@ def test_samples_follow_their_prompts_and_guidance_matters():
     acc = {}
     for w in (7.5, 1.0):
         latents = sample(bb, schedule, z, bb.encode_prompts([s.caption for s in scenes]),
-                         bb.encode_prompts([""] * 32), guidance_scale=w)
+                         bb.encode_prompts([""] * 32), guidance=w)
         images = (bb.decode(latents).permute(0, 2, 3, 1).numpy() * 255).round()
         acc[w] = attribute_accuracy([classify(i) for i in images], [s.attributes for s in scenes])
     assert acc[7.5]["colour"] > 0.9 and acc[7.5]["background"] > 0.9 and acc[7.5]["all"] > 0.9, acc

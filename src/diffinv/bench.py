@@ -95,7 +95,7 @@ def subcommand_for(config: Path) -> str:
 
     import yaml
 
-    from .inversion.base import OptimizingInversion
+    from .inversion.optimizing import OptimizingInversion
 
     try:
         path = yaml.safe_load(config.read_text())["model"]["class_path"]

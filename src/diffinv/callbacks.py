@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from . import output
-from .inversion.base import ItemResult
+from .inversion.result import ItemResult
 from .metrics import clip_score, lpips, masked, mse, psnr, ssim
 
 

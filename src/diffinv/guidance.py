@@ -6,7 +6,7 @@ Shapes: noise predictions are (B, C, H, W).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -154,3 +154,85 @@ def proximal_eps(
         shrunk = torch.where(is_edit, shrunk, delta)
         edited = torch.where(is_edit, edited, torch.zeros_like(edited))
     return eps_src + guidance_scale * shrunk, 1 - edited
+
+
+# --- guidance rules: what the sampler asks of a guidance (it knows no more of any method) ----------------------
+
+
+class GuidanceRule(Protocol):
+    """One sampling run's guidance: how a step's two noise predictions become one, and the corrections of its
+    predicted x0 and of its next latent. ``mask`` is what :meth:`combine` returned beside the prediction (ProxNPI's
+    unedited region; None for CFG); ``t`` the UNet timestep and ``k`` the level the step leaves."""
+
+    def combine(self, eps_uncond: Tensor, eps_cond: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+    def correct_x0(self, x0: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor: ...
+
+    def correct_z(self, z: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor: ...
+
+
+def row_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
+    """A guidance scale as a number, or (B,) one per row shaped (B, 1, 1, 1) for latents like ``like``."""
+    if isinstance(scale, Tensor):
+        return scale.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
+    return scale
+
+
+@dataclass
+class ClassifierFree:
+    """Classifier-free guidance (NPI eq. 1) at ``scale``: a number, or (B, 1, 1, 1) one per row."""
+
+    scale: float | Tensor
+
+    def combine(self, eps_uncond: Tensor, eps_cond: Tensor) -> tuple[Tensor, Tensor | None]:
+        return cfg(eps_uncond, eps_cond, self.scale), None
+
+    def correct_x0(self, x0: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
+        return x0
+
+    def correct_z(self, z: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
+        return z
+
+
+@dataclass
+class Proximal:
+    """ProxNPI's guidance of one run (Alg. 1): the unconditional branch plays eps_src and the conditional one
+    eps_tar; reconstruction and inversion guidance pull the unedited region back while t < ``until_timestep``.
+
+    Args:
+        config: The operator, threshold and guidances.
+        scale: w of eps_src + w prox(eps_tar - eps_src): a number or (B, 1, 1, 1).
+        groups: (B,) the item of each row (rows that share one threshold under scope 'item').
+        edit_rows: (B,) bool: the target rows, the only ones the operator acts on under scope 'row'; None: all.
+        z0: (B, C, h, w) source latents (reconstruction guidance).
+        trajectory: (N + 1, B, C, h, w) inversion trajectories (inversion guidance).
+    """
+
+    config: ProximalGuidance
+    scale: float | Tensor
+    groups: Tensor
+    edit_rows: Tensor | None = None
+    z0: Tensor | None = None
+    trajectory: Tensor | None = None
+
+    def __post_init__(self):
+        if self.config.reconstruction_guidance and self.z0 is None:
+            raise ValueError("reconstruction guidance needs the source latents z0")
+        if self.config.inversion_guidance and self.trajectory is None:
+            raise ValueError("inversion guidance needs the inversion trajectory")
+
+    def combine(self, eps_uncond: Tensor, eps_cond: Tensor) -> tuple[Tensor, Tensor | None]:
+        return proximal_eps(eps_uncond, eps_cond, self.scale, self.config, self.groups, self.edit_rows)
+
+    def _guides(self, t: int) -> bool:
+        return t < self.config.until_timestep
+
+    def correct_x0(self, x0: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
+        if self.config.reconstruction_guidance and self._guides(t):
+            return x0 - self.config.step_size * mask * (x0 - self.z0)  # Alg. 1 line 10
+        return x0
+
+    def correct_z(self, z: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
+        if self.config.inversion_guidance and self._guides(t):
+            return z - self.config.step_size * mask * (z - self.trajectory[k - 1])  # poster: inversion guidance
+        return z

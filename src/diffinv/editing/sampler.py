@@ -1,4 +1,4 @@
-"""Reverse DDIM from inverted latents under classifier-free or proximal guidance, batched over rows.
+"""Reverse DDIM from inverted latents under a guidance rule (classifier-free, proximal, ...), batched over rows.
 
 A *row* is one image to produce: an item's reconstruction (condition = its source prompt) or one of its edits
 (condition = a target prompt). All rows advance together, one UNet call per step for the conditional and the
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..backbone import Backbone
 from ..ddim import Schedule, ddim_mean, ddim_sigma, ddim_step, from_x0, predict_x0
-from ..guidance import ProximalGuidance, cfg, proximal_eps
+from ..guidance import ClassifierFree, GuidanceRule, row_scale
 
 
 def sample(
@@ -24,18 +24,14 @@ def sample(
     z_T: Tensor,
     cond: Tensor,
     uncond: Tensor,
-    guidance_scale: float | Tensor,
+    guidance: GuidanceRule | float | Tensor,
     uncond_is_cond: Tensor | None = None,
-    proximal: ProximalGuidance | None = None,
-    groups: Tensor | None = None,
-    edit_rows: Tensor | None = None,
-    z0: Tensor | None = None,
-    trajectory: Tensor | None = None,
     controller=None,
     start_level: int | None = None,
     eta: float = 0.0,
     step_noise: Tensor | None = None,
     snap_rows: Tensor | None = None,
+    trajectory: Tensor | None = None,
     coupled: tuple[Tensor, float] | None = None,
     observe: Callable[[int, Tensor, Tensor | None], None] | None = None,
 ) -> Tensor:
@@ -46,14 +42,10 @@ def sample(
         cond: (B, L, D) condition embedding of each row.
         uncond: (B, L, D) unconditional embedding of each row, or (N, B, L, D) one per step (index k-1 for the
             step from level k), as null-text inversion learns.
-        guidance_scale: w of classifier-free guidance (eq. 1) or of proximal guidance; or (B,) one per row.
+        guidance: How each step combines the two branches and corrects its x0 and latent
+            (:class:`diffinv.guidance.GuidanceRule`: classifier-free, ProxNPI's proximal guidance, ...); a number
+            or a (B,) tensor is classifier-free guidance (eq. 1) at that scale, one per row.
         uncond_is_cond: (B,) bool: rows whose unconditional branch equals the conditional one (computed once).
-        proximal: ProxNPI guidance: ``uncond`` plays eps_src and ``cond`` eps_tar (Alg. 1 lines 4-6).
-        groups: (B,) the item of each row (rows sharing one proximal threshold under scope 'item').
-        edit_rows: (B,) bool: the target (edit) rows, the only ones the proximal operator acts on under scope
-            'row'; None: all rows.
-        z0: (B, C, h, w) source latents, for reconstruction guidance.
-        trajectory: (N + 1, B, C, h, w) inversion trajectories, for inversion guidance.
         controller: Prompt-to-Prompt's :class:`AttentionController`, already installed on the UNet; told the
             step index, and given the latents after each step (local blend).
         start_level: Start at this level instead of N (SDEdit): ``z_T`` is then the latent of that level.
@@ -63,26 +55,20 @@ def sample(
             deterministic DDIM (eta is then ignored).
         snap_rows: (B,) bool: rows put back onto their ``trajectory`` after every step (DirectInversion's source
             branch: the step's result plus z*_{k-1} minus it), before local blend reads them.
+        trajectory: (N + 1, B, C, h, w) inversion trajectories, for ``snap_rows``.
         coupled: (y_T (B, C, h, w), p): EDICT's coupled sampling (Wallace et al. eq. 14) from the pair (z_T, y_T)
             with mixing weight p; two guided UNet calls per step; returns the x sequence's z_0.
-        observe: Called after each step with the level k it left, the new latents and, under proximal guidance,
-            the step's unedited-region mask M (B, 1, h, w) (None otherwise): progress reports and mask display;
-            it cannot change the result.
+        observe: Called after each step with the level k it left, the new latents and the guidance's mask
+            (ProxNPI's unedited region (B, C, h, w); None under CFG): progress reports and mask display; it
+            cannot change the result.
     """
     B = z_T.shape[0]
     n = schedule.num_steps
-    if isinstance(guidance_scale, Tensor):
-        guidance_scale = guidance_scale.to(device=z_T.device, dtype=z_T.dtype).view(-1, 1, 1, 1)
+    rule = ClassifierFree(row_scale(guidance, z_T)) if isinstance(guidance, (int, float, Tensor)) else guidance
     per_step = uncond.dim() == 4
     if per_step and uncond.shape[0] != n:
         raise ValueError(f"per-step unconditional embeddings cover {uncond.shape[0]} steps, the run has {n}")
     need_u = torch.ones(B, dtype=torch.bool, device=z_T.device) if uncond_is_cond is None else ~uncond_is_cond.to(z_T.device)
-    if proximal is not None:
-        groups = torch.arange(B, device=z_T.device) if groups is None else groups
-        if proximal.reconstruction_guidance and z0 is None:
-            raise ValueError("reconstruction guidance needs the source latents z0")
-        if proximal.inversion_guidance and trajectory is None:
-            raise ValueError("inversion guidance needs the inversion trajectory")
     if controller is not None:
         controller.set_unconditional_rows(need_u)
     snap = None if snap_rows is None or not bool(snap_rows.any()) else snap_rows.to(z_T.device).view(-1, 1, 1, 1)
@@ -91,16 +77,14 @@ def sample(
 
     def guided(z: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """One UNet call (conditional branch of every row, unconditional branch of the rows that need it), then
-        CFG (eq. 1) or proximal guidance (ProxNPI Alg. 1 lines 6-7)."""
+        the guidance rule (CFG eq. 1, or ProxNPI Alg. 1 lines 6-7)."""
         t = schedule.timesteps[k - 1]
         u = uncond[k - 1] if per_step else uncond
         eps_all = backbone.eps(torch.cat([z, z[need_u]]), t, torch.cat([cond, u[need_u]]))
         eps_c = eps_all[:B]
         eps_u = eps_c.clone()
         eps_u[need_u] = eps_all[B:]
-        if proximal is None:
-            return cfg(eps_u, eps_c, guidance_scale), None
-        return proximal_eps(eps_u, eps_c, guidance_scale, proximal, groups, edit_rows)
+        return rule.combine(eps_u, eps_c)
 
     z = z_T
     y = None if coupled is None else coupled[0]
@@ -121,23 +105,20 @@ def sample(
             if observe is not None:
                 observe(k, z, None)
             continue
-        eps, keep = guided(z, k)
-        # DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with ProxNPI's guidances for t < T_rec.
-        x0 = predict_x0(z, eps, a_t)
-        guide = proximal is not None and int(t) < proximal.until_timestep
-        if guide and proximal.reconstruction_guidance:
-            x0 = x0 - proximal.step_size * keep * (x0 - z0)  # Alg. 1 line 10
+        eps, mask = guided(z, k)
+        # DDIM step via the predicted x0 (Alg. 1 lines 8 and 12), with the rule's corrections (ProxNPI's
+        # reconstruction guidance on x0, its inversion guidance on the new latent).
+        x0 = rule.correct_x0(predict_x0(z, eps, a_t), int(t), k, mask)
         if step_noise is None:
             z = from_x0(x0, eps, a_prev)
         else:  # stochastic DDIM with the given noise (CycleDiffusion, DDPM inversion)
             sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
             z = ddim_mean(x0, eps, a_prev, sigma) + step_noise[k - 1]
-        if guide and proximal.inversion_guidance:
-            z = z - proximal.step_size * keep * (z - trajectory[k - 1])  # poster: inversion guidance
+        z = rule.correct_z(z, int(t), k, mask)
         if snap is not None:
             z = torch.where(snap, trajectory[k - 1], z)  # DirectInversion: z + (z*_{k-1} - z), exactly
         if controller is not None:
             z = controller.after_step(z, n - k)  # Prompt-to-Prompt local blend
         if observe is not None:
-            observe(k, z, keep)
+            observe(k, z, mask)
     return z

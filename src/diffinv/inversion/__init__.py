@@ -1,6 +1,8 @@
 """Inversion methods, one per file, and the Inversion record."""
 
-from .base import InversionMethod, ItemResult
+from .base import InversionMethod
+from .optimizing import OptimizingInversion
+from .result import ItemResult
 from .cycle_diffusion import CycleDiffusion
 from .ddim import DDIMInversion
 from .ddpm_inversion import DDPMInversion
@@ -23,5 +25,6 @@ __all__ = [
     "LatentTrajectoryOptimization",
     "NegativePromptInversion",
     "NullTextInversion",
+    "OptimizingInversion",
     "ProximalNegativePromptInversion",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import lightning as L
@@ -23,25 +22,9 @@ from ..ddim import Schedule, invert
 from ..editing.editor import EditContext, Editor, Row
 from ..editing.sampler import sample
 from ..errors import DiffinvError
-from ..guidance import ProximalGuidance
-from .record import Inversion
-
-
-@dataclass
-class ItemResult:
-    """What one item produced: images (3, H, W) in [0, 1] on the CPU, the record, and timings."""
-
-    id: str
-    source: Tensor
-    reconstruction: Tensor
-    edits: list[Tensor]
-    target_prompts: list[str]
-    inversion: Inversion
-    seconds_inversion: float
-    seconds_sampling: float
-    extra: dict = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-    """The item's dataset annotations (e.g. PIE-Bench's edit mask), for the writer."""
+from ..guidance import ClassifierFree, GuidanceRule, row_scale
+from .record import Inversion, coupled_code, start_level, stochastic_code
+from .result import ItemResult, optimization_summary
 
 
 class StepObserver(Protocol):
@@ -60,7 +43,6 @@ class InversionMethod(L.LightningModule):
     """Base of all inversion methods (not used directly: pick a subclass in the config)."""
 
     method_name: ClassVar[str] = "base"
-    proximal: ProximalGuidance | None = None
 
     def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, editor: Editor | None = None):
@@ -116,6 +98,11 @@ class InversionMethod(L.LightningModule):
         """True where :meth:`unconditional` returns the source prompt's embedding (NPI): the reconstruction row's
         two branches then coincide and are computed once."""
         return False
+
+    def guidance(self, scale: float | Tensor, rows: list[Row], inversions: list[Inversion]) -> GuidanceRule:
+        """The guidance of one sampling run over ``rows`` (of the items ``inversions``): classifier-free at
+        ``scale`` (a number, or (B, 1, 1, 1) one per row); ProxNPI's proximal guidance overrides it."""
+        return ClassifierFree(scale)
 
     def snaps_source(self) -> bool:
         """True where sampling puts each reconstruction (source) row back onto its inversion trajectory after
@@ -202,18 +189,15 @@ class InversionMethod(L.LightningModule):
                 z_T=z_start,
                 cond=self.backbone.encode_prompts([row.prompt for row in sel]),
                 uncond=u,
-                guidance_scale=row_guidance(sel),
+                guidance=self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions),
                 uncond_is_cond=torch.tensor([not row.is_edit and self.unconditional_is_source(inversions[row.item])
                                              for row in sel], device=dev),
-                proximal=self.proximal,
-                groups=torch.tensor([row.item for row in sel], device=dev),
-                edit_rows=torch.tensor([row.is_edit for row in sel], device=dev),
-                z0=torch.stack([inversions[row.item].z0 for row in sel]).to(dev),
-                trajectory=torch.stack([inversions[row.item].trajectory for row in sel], dim=1).to(dev),
                 eta=0.0 if codes[0] is None else codes[0][1],
                 step_noise=(None if codes[0] is None
                             else torch.stack([codes[row.item][0] for row in sel], dim=1).to(dev)),
                 snap_rows=torch.tensor([not row.is_edit and self.snaps_source() for row in sel], device=dev),
+                trajectory=(torch.stack([inversions[row.item].trajectory for row in sel], dim=1).to(dev)
+                            if self.snaps_source() else None),
                 coupled=(None if pairs[0] is None  # a run from a lower level (SDEdit) starts both sequences there
                          else (z_start if "start_level" in kw
                                else torch.stack([pairs[row.item][0] for row in sel]).to(dev), pairs[0][1])),
@@ -325,109 +309,3 @@ class InversionMethod(L.LightningModule):
 
     def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
         return self.run_batch(batch)
-
-
-def stochastic_code(inv: Inversion) -> tuple[Tensor, float] | None:
-    """(N, C, h, w) noise sigma_k n_k that sampling adds after the step from level k (index k - 1), and the eta of
-    that stochastic DDIM, where the record holds them (CycleDiffusion's latent code: any method samples such a
-    record with it, edits sharing their source's noise); None: deterministic DDIM."""
-    if "step_noise" not in inv.extra:
-        return None
-    return inv.extra["step_noise"], float(inv.meta.get("eta", 1.0))
-
-
-def coupled_code(inv: Inversion) -> tuple[Tensor, float] | None:
-    """EDICT's second sequence's start y_T and the mixing weight p, where the record holds them (any method then
-    samples it with the coupled sampler); None: a single sequence."""
-    if "edict_y_T" not in inv.extra:
-        return None
-    return inv.extra["edict_y_T"], float(inv.meta.get("mix", 0.93))
-
-
-def start_level(inv: Inversion) -> int:
-    """The level sampling starts from: N, or fewer where the record says so (DDPM inversion's T - T_skip: the
-    start latent is then the trajectory's latent of that level)."""
-    return int(inv.meta.get("start_level", inv.num_steps))
-
-
-def optimization_summary(inv: Inversion) -> dict:
-    """Per-item figures of an optimizing inversion for metrics.jsonl (empty for the optimization-free ones)."""
-    if "inner_iterations" not in inv.extra:
-        return {}
-    return {"inner_iterations": int(inv.extra["inner_iterations"].sum()),
-            "final_step_loss": float(inv.extra["step_loss"][-1])}
-
-
-class OptimizingInversion(InversionMethod):
-    """Base of the methods that optimise per image (null-text inversion, latent-TOP): run by ``diffinv fit``.
-
-    Manual optimisation: one training step is one batch of images, optimised together with per-sample
-    parameters, Adam states and early stopping (:mod:`diffinv.optim`). The per-image parameters live only
-    during their batch; results go to the writer, the frozen backbone never into a checkpoint.
-    """
-
-    def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, editor: Editor | None = None):
-        super().__init__(backbone, num_inference_steps, guidance_scale, editor)
-        self.automatic_optimization = False
-        self.last_results: list[ItemResult] = []
-        # The per-image parameters live only during their batch. DDP refuses a module without a trainable
-        # parameter, so there is this one; it is never used: gradients come from torch.autograd.grad on the
-        # per-image tensors, so DDP never all-reduces anything (each process optimises its own images).
-        self.ddp_anchor = torch.nn.Parameter(torch.zeros(()))
-
-    gradient_checkpointing: bool = False
-    """Recompute the UNet's activations in the backward pass instead of keeping them (set by the subclasses)."""
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        unet = self._backbone.unet
-        if self.gradient_checkpointing and not unet.is_gradient_checkpointing:
-            unet.enable_gradient_checkpointing()  # acts only where gradients are taken: sampling is unchanged
-
-    def unconditional(self, inversion: Inversion) -> Tensor:
-        if inversion.unconditional is not None:
-            return inversion.unconditional
-        return self.backbone.encode_prompts([""])[0]
-
-    def training_step(self, batch: list[Item], batch_idx: int):
-        self.last_results = self.run_batch(batch)
-        if self.last_results:
-            self.log_results(self.last_results)
-        return None
-
-    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
-        fresh = [i.id for i in batch if i.inversion is None]
-        if fresh:
-            raise DiffinvError(
-                f"{self.method_name} optimises per image: run it with `diffinv fit` (items {', '.join(fresh[:3])}); "
-                "`diffinv predict` only edits inversions it saved (--data.records DIR)")
-        return self.run_batch(batch)
-
-    def log_results(self, results: list[ItemResult]) -> None:
-        """TensorBoard: per-step loss and inner iterations of every image, its PSNR and images."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        from ..metrics import psnr
-
-        values = [psnr(r.reconstruction, r.source) for r in results]
-        finite = [v for v in values if v != float("inf")]
-        if finite:
-            self.log("reconstruction_psnr", sum(finite) / len(finite), batch_size=len(results), on_step=True)
-        tb = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tb is None:
-            return
-        for r, value in zip(results, values):
-            extra = r.inversion.extra
-            for k, (loss, its) in enumerate(zip(extra["step_loss"].tolist(), extra["inner_iterations"].tolist())):
-                tb.add_scalar(f"{r.id}/step_loss", loss, k)
-                tb.add_scalar(f"{r.id}/inner_iterations", its, k)
-            tb.add_scalar(f"{r.id}/reconstruction_psnr", value, 0)
-            tb.add_image(f"{r.id}/source", r.source, 0)
-            tb.add_image(f"{r.id}/reconstruction", r.reconstruction, 0)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the frozen backbone out of checkpoints: only the method's settings are worth saving."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("_backbone.")]:
-            del state[key]

@@ -101,8 +101,8 @@ class CycleDiffusion(InversionMethod):
         with torch.no_grad():
             chain = self.chain(z0, schedule, noise)
             residuals = step_residuals(guided_eps, chain, schedule, self.eta, top=top)
-        # the code any method samples this record with (diffinv.inversion.base.stochastic_code)
+        # the code any method samples this record with (diffinv.inversion.record.stochastic_code)
         meta = {"eta": repr(self.eta), "reconstruction_guidance_scale": repr(self.source_guidance_scale)}
         if top < schedule.num_steps:
-            meta["start_level"] = str(top)  # diffinv.inversion.base.start_level
+            meta["start_level"] = str(top)  # diffinv.inversion.record.start_level
         return {"trajectory": chain, "extra": {"step_noise": residuals.transpose(0, 1)}, "meta": meta}

@@ -27,7 +27,7 @@ from ..ddim import Schedule, ddim_step
 from ..editing.prompt_to_prompt import Editor
 from ..guidance import cfg_eps
 from ..optim import AdamState, masked_adam_step
-from .base import OptimizingInversion
+from .optimizing import OptimizingInversion
 from .tracking import TrackingSchedule, per_sample_mse, track_trajectory
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..backbone import BackboneConfig
+from ..editing.editor import Row
 from ..editing.prompt_to_prompt import Editor
-from ..guidance import ProximalGuidance
+from ..guidance import GuidanceRule, Proximal, ProximalGuidance
 from .base import InversionMethod
 from .record import Inversion
 
@@ -62,3 +64,15 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
             from ..errors import DiffinvError
 
             raise DiffinvError(f"proximal.quantile must be in [0, 1], got {self.proximal.quantile}")
+
+    def guidance(self, scale: float | Tensor, rows: list[Row], inversions: list[Inversion]) -> GuidanceRule:
+        """Alg. 1's proximal guidance over the run's rows: each row's item (the threshold's scope 'item'), which
+        rows are edits, and their source latents and trajectories (reconstruction and inversion guidance)."""
+        dev = self.device
+        return Proximal(
+            self.proximal, scale,
+            groups=torch.tensor([row.item for row in rows], device=dev),
+            edit_rows=torch.tensor([row.is_edit for row in rows], device=dev),
+            z0=torch.stack([inversions[row.item].z0 for row in rows]).to(dev),
+            trajectory=torch.stack([inversions[row.item].trajectory for row in rows], dim=1).to(dev),
+        )

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..backbone import BackboneConfig
 from ..editing.prompt_to_prompt import Editor
 from ..ddim import Schedule
-from .base import OptimizingInversion
+from .optimizing import OptimizingInversion
 from .tracking import TrackingSchedule, track_trajectory
 
 

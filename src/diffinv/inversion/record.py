@@ -112,3 +112,29 @@ class Inversion:
             )
         except (KeyError, ValueError) as e:
             raise DiffinvError(f"inversion record {path} has broken metadata ({e})") from None
+
+
+# --- what a record tells sampling (any method samples any record with it) ---------------------------------
+
+
+def stochastic_code(inv: Inversion) -> tuple[Tensor, float] | None:
+    """(N, C, h, w) noise sigma_k n_k that sampling adds after the step from level k (index k - 1), and the eta of
+    that stochastic DDIM, where the record holds them (CycleDiffusion's latent code: any method samples such a
+    record with it, edits sharing their source's noise); None: deterministic DDIM."""
+    if "step_noise" not in inv.extra:
+        return None
+    return inv.extra["step_noise"], float(inv.meta.get("eta", 1.0))
+
+
+def coupled_code(inv: Inversion) -> tuple[Tensor, float] | None:
+    """EDICT's second sequence's start y_T and the mixing weight p, where the record holds them (any method then
+    samples it with the coupled sampler); None: a single sequence."""
+    if "edict_y_T" not in inv.extra:
+        return None
+    return inv.extra["edict_y_T"], float(inv.meta.get("mix", 0.93))
+
+
+def start_level(inv: Inversion) -> int:
+    """The level sampling starts from: N, or fewer where the record says so (DDPM inversion's T - T_skip: the
+    start latent is then the trajectory's latent of that level)."""
+    return int(inv.meta.get("start_level", inv.num_steps))

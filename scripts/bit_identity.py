@@ -1,0 +1,90 @@
+"""Outputs bit-for-bit across a refactor: record every method x editor on the embedded model, compare two records.
+
+    python scripts/bit_identity.py record before.pt     # on the old commit
+    python scripts/bit_identity.py record after.pt      # on the new one
+    python scripts/bit_identity.py compare before.pt after.pt
+
+Ten method settings (DDIM, NPI, ProxNPI and its authors' code, CycleDiffusion, NTI, DirectInversion, EDICT, DDPM
+inversion, latent-TOP with two starts) x three editors (none, Prompt-to-Prompt refine with local blend, SDEdit)
+x four bench scenes, 10 steps, one thread; every decoded reconstruction and edit is compared with torch.equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def record(path: Path, scenes: int = 4, steps: int = 10) -> int:
+    import diffinv
+    from diffinv import BackboneConfig, ProximalGuidance
+    from diffinv.data import build_items, read_manifest
+    from diffinv.editing import PromptToPrompt, SDEdit
+
+    torch.set_num_threads(1)
+    manifest = Path(diffinv.__file__).parent / "examples" / "bench" / "captions.jsonl"
+    items = build_items(read_manifest(manifest), None, False)[:scenes]
+    bb = BackboneConfig()
+    authors = ProximalGuidance(prox="authors_l1", scope="item", mask_from="shrunk")
+    methods = {
+        "ddim": lambda e: diffinv.DDIMInversion(bb, steps, editor=e),
+        "npi": lambda e: diffinv.NegativePromptInversion(bb, steps, editor=e),
+        "proxnpi": lambda e: diffinv.ProximalNegativePromptInversion(bb, steps, editor=e),
+        "proxnpi_authors": lambda e: diffinv.ProximalNegativePromptInversion(bb, steps, editor=e, proximal=authors),
+        "cycle": lambda e: diffinv.CycleDiffusion(bb, steps, editor=e),
+        "nti": lambda e: diffinv.NullTextInversion(bb, steps, num_inner_steps=3, editor=e),
+        "direct": lambda e: diffinv.DirectInversion(bb, steps, editor=e),
+        "edict": lambda e: diffinv.EDICT(bb, steps, editor=e),
+        "ddpm": lambda e: diffinv.DDPMInversion(bb, steps, editor=e),
+        "latent_top": lambda e: diffinv.LatentTrajectoryOptimization(bb, steps, num_inner_steps=2, num_starts=2,
+                                                                     editor=e),
+    }
+    editors = {
+        "none": lambda: None,
+        "p2p": lambda: PromptToPrompt(mode="refine", local_blend_words=["circle", "square", "triangle"],
+                                      local_blend_start=0.0),
+        "sdedit": lambda: SDEdit(strength=0.6),
+    }
+    out = {}
+    for m, make in methods.items():
+        for e, editor in editors.items():
+            method = make(editor())
+            grad = m in ("nti", "latent_top")  # the optimizing methods need gradients
+            with torch.enable_grad() if grad else torch.inference_mode():
+                results = method.run_batch(items)
+            for r in results:
+                out[f"{m}/{e}/{r.id}"] = torch.stack([r.reconstruction, *r.edits]).detach().clone()
+    torch.save(out, path)
+    return len(out)
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    x, y = torch.load(a), torch.load(b)
+    if set(x) != set(y):
+        return sorted(set(x) ^ set(y))
+    return [k for k in x if not torch.equal(x[k], y[k])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("out", type=Path)
+    c = sub.add_parser("compare")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        print(f"{record(args.out)} outputs written to {args.out}")
+        return 0
+    differ = compare(args.a, args.b)
+    total = len(torch.load(args.a))
+    print(f"{total - len(differ)} of {total} identical" + (f"; different: {', '.join(differ)}" if differ else ""))
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
