@@ -2,6 +2,10 @@ import os
 import sys
 from pathlib import Path
 
+# Lightning's log handler binds to the stderr current when it is imported: import it before any test captures
+# stderr, or a test that happens to import it first under capsys leaves it a closed stream ("--- Logging error ---"
+# in later tests' output, depending on which tests run).
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 
@@ -9,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never try the h
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_model, build_tiny_sdxl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,15 @@ def tiny_backbone(tiny_model_dir):
     from diffinv.backbone import Backbone, BackboneConfig
 
     return Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    from diffinv.backbone import Backbone, BackboneConfig
+
+    return Backbone.load(BackboneConfig(pretrained=str(tiny_sdxl_dir)))

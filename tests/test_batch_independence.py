@@ -54,15 +54,17 @@ EDITORS = {
 # entry of |delta| within that noise of tau can flip between kept (w tau) and dropped: a few pixels may then move
 # by up to ~2/255 (measured 0.0072 on this test's 16x16 images; before per-row thresholds: up to 103/255).
 # EDICT's coupled chain and DDPM inversion's CFG 15 carry the same float noise further on this random-weight model
-# (EDICT: up to 0.028 here, where DDIM + CFG moves 6e-5 in latents); on the embedded shapes model both stay
-# within 0.02/255 (scripts/batch_independence.py).
-TOLERANCE = {"proxnpi_l0": 3 / 255, "edict": 0.05, "ddpm_inversion": 1e-3}
-RECONSTRUCTION_TOLERANCE = {"edict": 0.05, "ddpm_inversion": 1e-3}
+# (EDICT: up to 0.028 here, where DDIM + CFG moves 6e-5 in latents; on the tiny SDXL with Prompt-to-Prompt up
+# to 0.069 in 3 of 768 values, mean below 1e-4); on the embedded shapes model both stay within 0.02/255
+# (scripts/batch_independence.py).
+TOLERANCE = {"proxnpi_l0": 3 / 255, "edict": 0.08, "ddpm_inversion": 1e-3}
+RECONSTRUCTION_TOLERANCE = {"edict": 0.08, "ddpm_inversion": 1e-3}
 
 
-@pytest.fixture(scope="module")
-def bb(tiny_model_dir):
-    return BackboneConfig(pretrained=str(tiny_model_dir))
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def bb(request, tiny_model_dir, tiny_sdxl_dir):
+    """Every test here on both families' tiny models (SD 1.x/2.x and SDXL)."""
+    return BackboneConfig(pretrained=str(tiny_model_dir if request.param == "sd" else tiny_sdxl_dir))
 
 
 def run(method, items):

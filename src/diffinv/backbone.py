@@ -1,7 +1,9 @@
 """Loads a Stable Diffusion's parts (diffusers layout) and exposes the few operations inversion needs.
 
-Works for any SD 1.x/2.x checkpoint in diffusers layout (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
-``scheduler`` folders), from the hub cache, a local folder, or the embedded shapes model (``"shapes"``).
+Works for any SD 1.x/2.x or SDXL checkpoint in diffusers layout (``vae``, ``text_encoder``, ``tokenizer``,
+``unet``, ``scheduler`` folders; SDXL also ``text_encoder_2``, ``tokenizer_2``), from the hub cache, a local
+folder, or the embedded shapes model (``"shapes"``). What differs between the families (components, text
+conditioning, the denoiser's call) is in :mod:`diffinv.families`.
 The components are loaded one by one (no safety checker, no pipeline object), frozen, and kept as submodules so
 Lightning moves them to the right device.
 """
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from .ddim import Schedule, make_schedule
 from .errors import DiffinvError
+from .families import Family, StableDiffusion, family_of
 
 EMBEDDED_MODEL = "shapes"
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -34,9 +37,9 @@ class BackboneConfig:
     """Which Stable Diffusion to load."""
 
     pretrained: str = EMBEDDED_MODEL
-    """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'
-    (taken from the local hub cache; downloaded only when HF_HUB_OFFLINE is not set), or a local folder in
-    diffusers layout."""
+    """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' or
+    'stabilityai/stable-diffusion-xl-base-1.0' (taken from the local hub cache; downloaded only when
+    HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x or SDXL)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
     variant: str | None = None
@@ -56,35 +59,32 @@ def _resolve(pretrained: str) -> tuple[str, bool]:
     path = Path(pretrained).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise DiffinvError(f"model path {path} is a file; expected a folder in diffusers layout ({', '.join(COMPONENTS)})")
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
-        if missing:
-            raise DiffinvError(
-                f"model folder {path} lacks {', '.join(missing)}: expected a Stable Diffusion in diffusers layout "
-                f"with the sub-folders {', '.join(COMPONENTS)}"
-            )
+            raise DiffinvError(f"model path {path} is a file; expected a folder in diffusers layout "
+                               f"({', '.join(COMPONENTS)}; SDXL also text_encoder_2, tokenizer_2)")
         return str(path), True
     if pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").replace("/", "", 1):
         raise DiffinvError(f"model folder {pretrained} does not exist")
     return pretrained, False
 
 
-def _load_components(source: str, local: bool, config: BackboneConfig):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def _load_components(source: str, local: bool, config: BackboneConfig) -> tuple[Family, dict]:
+    """The model's family and its components by name (one clear error for anything missing or broken)."""
+    kw = dict(revision=config.revision)
+    family = family_of(source, local, kw)
+    if local:
+        missing = [c for c in family.components if not (Path(source) / c).is_dir()]
+        if missing:
+            raise DiffinvError(
+                f"model folder {source} lacks {', '.join(missing)}: expected a {family.name} model in diffusers "
+                f"layout with the sub-folders {', '.join(family.components)}"
+            )
 
     def load_all(local_files_only: bool):
         kw = dict(revision=config.revision, local_files_only=local_files_only)
         wkw = dict(kw, variant=config.variant)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return (
-                AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **wkw),
-                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **wkw),
-                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-                UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **wkw),
-                DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            )
+            return family.load(source, kw, wkw)
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -94,7 +94,7 @@ def _load_components(source: str, local: bool, config: BackboneConfig):
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
-        return _load_or_explain(load_all, source, local)
+        return family, _load_or_explain(load_all, source, local)
     finally:
         diffusers_logging.set_verbosity(levels[0])
         transformers_logging.set_verbosity(levels[1])
@@ -116,7 +116,7 @@ def _load_or_explain(load_all, source: str, local: bool):
     raise DiffinvError(
         f"could not load the Stable Diffusion {where}: {type(error).__name__}: {str(error).splitlines()[0][:300]}. "
         + (
-            "Check that the folder holds vae, text_encoder, tokenizer, unet and scheduler as saved by diffusers."
+            "Check that the folder holds the model's components as saved by diffusers."
             if local
             else f"Download it where there is network (`hf download {source}`), then pass the downloaded folder "
             "with --model.backbone.pretrained, or use the embedded model ('shapes')."
@@ -127,12 +127,15 @@ def _load_or_explain(load_all, source: str, local: bool):
 class Backbone(nn.Module):
     """A frozen Stable Diffusion: VAE, text encoder + tokenizer, UNet, and its noise schedule."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: str = "custom"):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: str = "custom",
+                 family: Family | None = None, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
-        self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.scheduler = scheduler
         self.name = name
+        self.family = family or StableDiffusion()
         self.requires_grad_(False)
         self.eval()
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().double(), persistent=False)
@@ -142,8 +145,8 @@ class Backbone(nn.Module):
     def load(cls, config: BackboneConfig | None = None) -> "Backbone":
         config = config or BackboneConfig()
         source, local = _resolve(config.pretrained)
-        vae, text_encoder, tokenizer, unet, scheduler = _load_components(source, local, config)
-        return cls(vae, text_encoder, tokenizer, unet, scheduler, name=config.pretrained)
+        family, parts = _load_components(source, local, config)
+        return cls(name=config.pretrained, family=family, **parts)
 
     def _apply(self, fn, recurse: bool = True):
         """Moves and casts the modules; the noise schedule follows the device but stays float64 (under
@@ -211,18 +214,16 @@ class Backbone(nn.Module):
                         f"to its first {limit - 2} words/pieces",
                         stacklevel=2,
                     )
-            ids = self.tokenizer(missing, padding="max_length", max_length=limit, truncation=True,
-                                 return_tensors="pt").input_ids.to(self.device)
             with torch.no_grad():
-                emb = self.text_encoder(ids)[0].float()
+                emb = self.family.encode(self, missing)
             self._prompt_cache.update(zip(missing, emb))
         return torch.stack([self._prompt_cache[p].to(self.device) for p in prompts])
 
     # --- noise ------------------------------------------------------------------------------------------------
     def eps(self, z: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """The UNet's noise prediction eps_theta(z, t, emb), converted from v-prediction where the model uses it."""
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(z.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample.to(z.dtype)
+        """The UNet's noise prediction eps_theta(z, t, emb) (``emb``: the family's conditioning), converted from
+        v-prediction where the model uses it."""
+        out = self.family.denoise(self, z, t, emb).to(z.dtype)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             return out

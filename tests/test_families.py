@@ -1,0 +1,170 @@
+"""Model families behind one interface: detection, SDXL's conditioning and denoiser call checked against
+diffusers' own SDXL pipeline, every method config through the CLI on SDXL, exact inversion steps per family."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffinv
+from diffinv.backbone import Backbone, BackboneConfig
+from diffinv.data import Item
+from diffinv.ddim import ddim_step
+from diffinv.editing.sampler import sample
+from diffinv.errors import DiffinvError
+from diffinv.families import StableDiffusion, StableDiffusionXL
+from diffinv.inversion.record import Inversion
+
+REPO = Path(__file__).resolve().parents[1]
+METHOD_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")
+                        if "class_path: diffinv.inversion." in p.read_text())
+
+
+def test_families_are_told_apart(tiny_model_dir, tiny_sdxl_dir, tiny_backbone, tiny_sdxl, tmp_path):
+    assert isinstance(tiny_backbone.family, StableDiffusion)
+    assert isinstance(tiny_sdxl.family, StableDiffusionXL) and tiny_sdxl.family.force_zeros_for_empty_prompt
+    broken = tmp_path / "sdxl-without-second-encoder"
+    shutil.copytree(tiny_sdxl_dir, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(DiffinvError, match="lacks text_encoder_2: expected a SDXL model"):
+        Backbone.load(BackboneConfig(pretrained=str(broken)))
+    sd3 = tmp_path / "sd3"
+    (sd3 / "transformer").mkdir(parents=True)
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(DiffinvError, match="Stable Diffusion 3 .*not supported yet"):
+        Backbone.load(BackboneConfig(pretrained=str(sd3)))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_sdxl):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    bb = tiny_sdxl
+    return StableDiffusionXLPipeline(
+        vae=bb.vae, text_encoder=bb.text_encoder, text_encoder_2=bb.text_encoder_2, tokenizer=bb.tokenizer,
+        tokenizer_2=bb.tokenizer_2, unet=bb.unet,
+        scheduler=DDIMScheduler.from_config(bb.scheduler.config, clip_sample=False),  # diffinv never clips x0
+        force_zeros_for_empty_prompt=True)
+
+
+def test_sdxl_conditioning_is_the_pipelines(tiny_sdxl, pipeline):
+    """Token states, pooled embedding and the zero negative prompt: as diffusers' SDXL pipeline encodes them."""
+    prompts = ["a photo of a cat", "a red car"]
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(prompts, device="cpu",
+                                                                           do_classifier_free_guidance=True)
+    cond = tiny_sdxl.encode_prompts(prompts)
+    null = tiny_sdxl.encode_prompts(["", ""])
+    L, P = embeds.shape[1], pooled.shape[1]
+    assert cond.shape == (2, L + 1, embeds.shape[2])
+    assert torch.allclose(cond[:, :L], embeds, atol=1e-6) and torch.allclose(cond[:, L, :P], pooled, atol=1e-6)
+    assert not cond[:, L, P:].any()
+    assert torch.equal(null[:, :L], negative) and torch.equal(null[:, L, :P], negative_pooled)
+
+
+def test_sdxl_ddim_cfg_sampling_is_the_pipelines(tiny_sdxl, pipeline):
+    """DDIM + CFG 7.5 from the same start latents, at a non-square size (the time ids follow the image's size)."""
+    h, w = 16, 24
+    z_T = torch.randn(1, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = pipeline("a photo of a cat", height=h, width=w, num_inference_steps=6, guidance_scale=7.5,
+                          latents=z_T.clone(), output_type="latent").images
+        bb = tiny_sdxl
+        ours = sample(bb, bb.schedule(6), z_T, bb.encode_prompts(["a photo of a cat"]), bb.encode_prompts([""]), 7.5)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4), (ours - theirs).abs().max()  # float32 order
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_one_inversion_step_then_one_sampling_step_returns_the_input(family, tiny_backbone, tiny_sdxl):
+    bb = tiny_backbone if family == "sd" else tiny_sdxl
+    s = bb.schedule(5)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = bb.encode_prompts(["a photo of a cat"])
+    eps = bb.eps(z.float(), s.timesteps[2], cond).double()
+    up = ddim_step(z, eps, s.alphas[2], s.alphas[3])  # inversion: level 2 -> 3 with the prediction at level 2
+    down = ddim_step(up, eps, s.alphas[3], s.alphas[2])  # sampling back with the same prediction
+    assert torch.allclose(down, z, atol=1e-12)
+
+
+def test_null_text_inversion_on_sdxl_optimises_the_pooled_embedding(tiny_sdxl_dir):
+    m = diffinv.NullTextInversion(BackboneConfig(pretrained=str(tiny_sdxl_dir)), 4, num_inner_steps=3)
+    image = (np.random.default_rng(0).random((16, 24, 3)) * 255).astype(np.uint8)
+    r = m.run_batch([Item("x", image, "a photo of a cat")])[0]
+    u = r.inversion.unconditional
+    L = m.backbone.tokenizer.model_max_length
+    assert u.shape == (4, L + 1, 24)
+    assert u[:, L, :12].abs().sum() > 0  # the pooled row moved from the zero null embedding
+    assert not u[:, L, 12:].any()  # the padding of the pooled row is never read, never changed
+
+
+def run_cli(*args):
+    from diffinv.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS)
+def test_every_method_config_runs_on_sdxl(config, tiny_sdxl_dir, tmp_path):
+    from diffinv.bench import subcommand_for
+
+    path = REPO / "configs" / config
+    out = tmp_path / "out"
+    extra = ["--model.num_inner_steps", "2"] if subcommand_for(path) == "fit" else []
+    if "num_starts" in path.read_text():
+        extra += ["--model.num_starts", "2"]
+    Image.fromarray((np.random.default_rng(1).random((20, 28, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    run_cli(subcommand_for(path), "-c", str(path), "--model.backbone.pretrained", str(tiny_sdxl_dir),
+            "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu", "--output_dir", str(out),
+            "--data.image", str(tmp_path / "x.png"), "--data.source_prompt", "a photo of a cat",
+            "--data.target_prompts", json.dumps(["a photo of a dog"]), *extra)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["target_prompt"] for x in lines] == [None, "a photo of a dog"]
+    assert all(np.isfinite(x["psnr"]) for x in lines)
+    rec = Inversion.load(out / "x" / "inversion.safetensors")
+    assert rec.num_steps == 3 and rec.z0.shape[-2:] == (8, 11)  # 20x28 -> native 16 x 22 -> latent /2
+
+
+def test_sdxl_under_bf16_mixed_has_no_nan(tiny_sdxl_dir, tmp_path):
+    Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    run_cli("predict", "-c", str(REPO / "configs/edit_p2p_replace.yaml"), "--model.backbone.pretrained",
+            str(tiny_sdxl_dir), "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu",
+            "--trainer.precision", "bf16-mixed", "--output_dir", str(out), "--data.image", str(tmp_path / "x.png"),
+            "--data.source_prompt", "a photo of a cat", "--data.target_prompts", json.dumps(["a photo of a dog"]))
+    for name in ("reconstruction.png", "edit-0.png"):
+        pixels = np.asarray(Image.open(out / "x" / name))
+        assert pixels.std() > 0  # not a flat (NaN-decoded) image
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["psnr"]) for x in lines)
+
+
+def test_a_hub_id_is_read_from_the_local_cache_offline(tiny_model_dir, tiny_sdxl_dir, tmp_path):
+    """Hub ids of both families load from the hub cache with no network (HF_HUB_OFFLINE=1), family and all."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    for repo, folder in (("acme/tiny-sd", tiny_model_dir), ("acme/tiny-sdxl", tiny_sdxl_dir)):
+        root = cache / f"models--{repo.replace('/', '--')}"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        shutil.copytree(folder, root / "snapshots" / commit)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(commit)
+    code = ("from diffinv.backbone import Backbone, BackboneConfig\n"
+            "for repo in ('acme/tiny-sd', 'acme/tiny-sdxl'):\n"
+            "    bb = Backbone.load(BackboneConfig(pretrained=repo))\n"
+            "    print(repo, type(bb.family).__name__, tuple(bb.encode_prompts(['a photo of a cat']).shape))\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "acme/tiny-sd StableDiffusion (1, 8, 16)" in proc.stdout
+    assert "acme/tiny-sdxl StableDiffusionXL (1, 9, 24)" in proc.stdout
