@@ -13,21 +13,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never try the h
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_model, build_tiny_sdxl  # noqa: E402
+from tiny_model import build_tiny_model, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load(folder: Path):
+    from diffinv.backbone import Backbone, BackboneConfig
+
+    return Backbone.load(BackboneConfig(pretrained=str(folder)))
+
+
+# Tiny random-weight components of each family, built once per test session (tests/tiny_model.py).
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_sd"))
-
-
-@pytest.fixture(scope="session")
-def tiny_backbone(tiny_model_dir):
-    from diffinv.backbone import Backbone, BackboneConfig
-
-    return Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir)))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,20 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sdxl(tiny_sdxl_dir):
-    from diffinv.backbone import Backbone, BackboneConfig
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
 
-    return Backbone.load(BackboneConfig(pretrained=str(tiny_sdxl_dir)))
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    return load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    return load(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    return load(tiny_sd3_dir)

@@ -83,3 +83,41 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, indent=1))
     return folder
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """SD 3's layout at toy size: two CLIP encoders with projections, no T5 (diffusers' "T5 off"), a joint-attention
+    transformer (patch 2), a VAE with a shift factor and the flow-matching scheduler with SD 3's shift 3."""
+    import json
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = None
+    for sub in ("tokenizer", "tokenizer_2"):
+        tokenizer = load_tokenizer(write_tokenizer_files(folder / sub, WORDS, MAX_TOKENS))
+    for sub in ("text_encoder", "text_encoder_2"):
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=8,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder / sub)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=1.5305,
+                  shift_factor=0.0609).save_pretrained(folder / "vae")
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                          pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16
+                          ).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=1))
+    return folder

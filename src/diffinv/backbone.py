@@ -1,9 +1,10 @@
 """Loads a Stable Diffusion's parts (diffusers layout) and exposes the few operations inversion needs.
 
-Works for any SD 1.x/2.x or SDXL checkpoint in diffusers layout (``vae``, ``text_encoder``, ``tokenizer``,
-``unet``, ``scheduler`` folders; SDXL also ``text_encoder_2``, ``tokenizer_2``), from the hub cache, a local
-folder, or the embedded shapes model (``"shapes"``). What differs between the families (components, text
-conditioning, the denoiser's call) is in :mod:`diffinv.families`.
+Works for any SD 1.x/2.x, SDXL or SD 3/3.5 checkpoint in diffusers layout (``vae``, ``text_encoder``,
+``tokenizer``, ``unet``, ``scheduler`` folders; SDXL also ``text_encoder_2``, ``tokenizer_2``; SD 3 a
+``transformer`` for the ``unet``), from the hub cache, a local folder, or the embedded shapes model
+(``"shapes"``). What differs between the families (components, text conditioning, the denoiser's call, the
+prediction, the schedule) is in :mod:`diffinv.families`; ``unet`` is the denoiser whichever it is.
 The components are loaded one by one (no safety checker, no pipeline object), frozen, and kept as submodules so
 Lightning moves them to the right device.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .ddim import Schedule, make_schedule
+from .ddim import Schedule
 from .errors import DiffinvError
 from .families import Family, StableDiffusion, family_of
 
@@ -39,7 +40,7 @@ class BackboneConfig:
     pretrained: str = EMBEDDED_MODEL
     """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' or
     'stabilityai/stable-diffusion-xl-base-1.0' (taken from the local hub cache; downloaded only when
-    HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x or SDXL)."""
+    HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x, SDXL or SD 3/3.5)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
     variant: str | None = None
@@ -124,21 +125,28 @@ def _load_or_explain(load_all, source: str, local: bool):
     )
 
 
+def _training_alphas(scheduler) -> Tensor:
+    """The training schedule's alphas_cumprod, float64 (empty for flow matching, which has none)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    return torch.zeros(0, dtype=torch.float64) if alphas is None else alphas.clone().double()
+
+
 class Backbone(nn.Module):
     """A frozen Stable Diffusion: VAE, text encoder + tokenizer, UNet, and its noise schedule."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: str = "custom",
-                 family: Family | None = None, text_encoder_2=None, tokenizer_2=None):
+                 family: Family | None = None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                 tokenizer_3=None):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
-        self.text_encoder_2 = text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.text_encoder_2, self.text_encoder_3 = text_encoder_2, text_encoder_3
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
         self.scheduler = scheduler
         self.name = name
         self.family = family or StableDiffusion()
         self.requires_grad_(False)
         self.eval()
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().double(), persistent=False)
+        self.register_buffer("alphas_cumprod", _training_alphas(scheduler), persistent=False)
         self._prompt_cache: dict[str, Tensor] = {}
 
     @classmethod
@@ -154,7 +162,7 @@ class Backbone(nn.Module):
         the schedule stop being monotone)."""
         super()._apply(fn, recurse)
         if self.alphas_cumprod.dtype != torch.float64:
-            self.alphas_cumprod = self.scheduler.alphas_cumprod.clone().double().to(self.alphas_cumprod.device)
+            self.alphas_cumprod = _training_alphas(self.scheduler).to(self.alphas_cumprod.device)
         return self
 
     def train(self, mode: bool = True) -> "Backbone":
@@ -164,6 +172,11 @@ class Backbone(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the denoiser's patch size (SD 3: 2)."""
+        return self.vae_scale_factor * int(getattr(self.unet.config, "patch_size", None) or 1)
 
     @property
     def native_resolution(self) -> int:
@@ -221,33 +234,14 @@ class Backbone(nn.Module):
 
     # --- noise ------------------------------------------------------------------------------------------------
     def eps(self, z: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """The UNet's noise prediction eps_theta(z, t, emb) (``emb``: the family's conditioning), converted from
-        v-prediction where the model uses it."""
-        out = self.family.denoise(self, z, t, emb).to(z.dtype)
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return out
-        a = self.alphas_cumprod[t].to(z.dtype)
-        if kind == "v_prediction":
-            return a.sqrt() * out + (1 - a).sqrt() * z
-        if kind == "sample":
-            return (z - a.sqrt() * out) / (1 - a).sqrt()
-        raise DiffinvError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
+        """The noise prediction eps_theta(z, t, emb) the DDIM solver needs (``emb``: the family's conditioning):
+        the model's own output converted by its family (v-prediction, flow velocity)."""
+        return self.family.eps(self, z, t, emb)
 
     @functools.cached_property
     def max_steps(self) -> int:
-        """The most DDIM steps the scheduler allows: every timestep (spacing and offset applied) must index the
-        training schedule (SD's 'leading' spacing with steps_offset 1 allows 999 of its 1000). Found once: the
-        scheduler's config does not change."""
-        total = self.scheduler.config.num_train_timesteps
-        for n in range(total, 0, -1):
-            try:
-                self.scheduler.set_timesteps(n)
-            except ValueError:
-                continue
-            if int(self.scheduler.timesteps.max()) < total and int(self.scheduler.timesteps.min()) >= 0:
-                return n
-        return 1
+        """The most steps the scheduler allows (found once: the scheduler's config does not change)."""
+        return self.family.max_steps(self)
 
     def prompt_warnings(self, prompts: list[str]) -> list[str]:
         """Warnings a user should see about prompts on this model before it runs: the embedded shapes model
@@ -266,13 +260,12 @@ class Backbone(nn.Module):
                 "results: pass a real Stable Diffusion with --model.backbone.pretrained (a hub id or a folder)"]
 
     def schedule(self, num_steps: int) -> Schedule:
-        """Timesteps and levels of an N-step DDIM run, per the model's scheduler config (spacing, offset, alphas)."""
+        """Timesteps and levels of an N-step run, per the model's scheduler config and family."""
         most = self.max_steps
         if not 1 <= num_steps <= most:
+            config = self.scheduler.config
             raise DiffinvError(f"num_inference_steps must be in 1..{most} for this model's scheduler "
-                               f"({self.scheduler.config.num_train_timesteps} training timesteps, "
-                               f"'{self.scheduler.config.timestep_spacing}' spacing), got {num_steps}")
-        self.scheduler.set_timesteps(num_steps)
-        final = float(self.scheduler.final_alpha_cumprod)
-        s = make_schedule(self.alphas_cumprod.cpu(), self.scheduler.timesteps, final)
+                               f"({config.num_train_timesteps} training timesteps, "
+                               f"'{getattr(config, 'timestep_spacing', 'linspace')}' spacing), got {num_steps}")
+        s = self.family.schedule(self, num_steps)
         return Schedule(timesteps=s.timesteps.to(self.device), alphas=s.alphas.to(self.device))

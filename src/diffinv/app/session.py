@@ -408,6 +408,7 @@ class Studio:
         with self._lock(s.model):
             method = self.method(cls, s.model, record.num_steps, record.guidance_scale, s.quantile, editor)
             if editor is not None:
+                editor.check_model(method.backbone.unet)
                 editor.check(method.backbone.tokenizer, record.source_prompt, [target])
             masks: list[Tensor] = []
             report = self._sampling(record.num_steps, progress)

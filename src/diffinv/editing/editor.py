@@ -73,6 +73,9 @@ class Editor:
     def check(self, tokenizer, source: str, targets: list[str]) -> None:
         """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""
 
+    def check_model(self, denoiser) -> None:
+        """Refuse, before any work and in one line, a denoiser this editor cannot act on (none here)."""
+
     def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
         """The latents of every row (aligned with ``rows``); ``starts``: each row's inverted start latent."""
         return run(list(range(len(rows))), starts)

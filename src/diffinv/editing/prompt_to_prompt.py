@@ -162,6 +162,9 @@ class PromptToPrompt(Editor):
             latent_hw=latent_hw,
             control_unconditional=negative_is_source if self.control_unconditional is None else self.control_unconditional)
 
+    def check_model(self, denoiser) -> None:
+        require_cross_attention(denoiser)
+
     def check(self, tokenizer, source: str, targets: list[str]) -> None:
         """Word swap needs as many words in each target as in the source (one line naming both counts)."""
         if self.mode == "replace":
@@ -341,10 +344,19 @@ class ControlledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def require_cross_attention(denoiser) -> None:
+    """A denoiser without separate cross-attention layers (SD 3's joint attention, where text and image tokens
+    attend together in one map) is refused in one line: the reference's controller edits cross-attention maps."""
+    if not any(name.endswith("attn2.processor") for name in denoiser.attn_processors):
+        raise DiffinvError("Prompt-to-Prompt edits cross-attention maps, and this model has none (SD 3's joint "
+                           "attention mixes text and image tokens in one map): use no editor or SDEdit on it")
+
+
 @contextmanager
 def attention_control(unet, controller: AttentionController):
     """Install the controller on every attention layer of ``unet``; restore the previous processors on exit."""
     previous = dict(unet.attn_processors)
+    require_cross_attention(unet)
     unet.set_attn_processor(ControlledAttnProcessor(controller))
     try:
         yield controller

@@ -113,7 +113,7 @@ class InversionMethod(L.LightningModule):
     def fitted_image(self, item: Item):
         """The item's image resized/cropped for this model (:func:`diffinv.data.fit_to_model`)."""
         bb = self.backbone
-        return fit_to_model(item.image, item.resolution or bb.native_resolution, bb.vae_scale_factor, item.square)
+        return fit_to_model(item.image, item.resolution or bb.native_resolution, bb.size_multiple, item.square)
 
     def invert_items(self, items: list[Item], images: Tensor) -> list[Inversion]:
         """Invert a batch of same-size images; one Inversion per item."""
@@ -236,6 +236,7 @@ class InversionMethod(L.LightningModule):
                           f"{native}: each step costs about {(r / native) ** 2:.0f}x as "
                           "much and the model was not trained at that size (results are usually poor)", stacklevel=2)
         if self.editor is not None:
+            self.editor.check_model(bb.unet)
             for item in items:
                 self.editor.check(bb.tokenizer, item.source_prompt, item.target_prompts)
 
