@@ -133,11 +133,13 @@ def test_every_method_config_runs_on_each_family(config, family, tiny_sdxl_dir, 
     assert rec.num_steps == 3 and rec.z0.shape[-2:] == ((8, 11) if family == "sdxl" else (8, 10))
 
 
-def test_sdxl_under_bf16_mixed_has_no_nan(tiny_sdxl_dir, tmp_path):
+@pytest.mark.parametrize("family, config", [("sdxl", "edit_p2p_replace.yaml"), ("sd3", "proxnpi.yaml")])
+def test_bf16_mixed_has_no_nan(family, config, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
     Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
     out = tmp_path / "out"
-    run_cli("predict", "-c", str(REPO / "configs/edit_p2p_replace.yaml"), "--model.backbone.pretrained",
-            str(tiny_sdxl_dir), "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu",
+    model = tiny_sdxl_dir if family == "sdxl" else tiny_sd3_dir
+    run_cli("predict", "-c", str(REPO / "configs" / config), "--model.backbone.pretrained", str(model),
+            "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu",
             "--trainer.precision", "bf16-mixed", "--output_dir", str(out), "--data.image", str(tmp_path / "x.png"),
             "--data.source_prompt", "a photo of a cat", "--data.target_prompts", json.dumps(["a photo of a dog"]))
     for name in ("reconstruction.png", "edit-0.png"):
