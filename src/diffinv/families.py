@@ -93,6 +93,28 @@ def _tokens(tokenizer, prompts: list[str], device) -> Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
+def _clip_states(backbone, prompts: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+    """Both CLIP encoders' penultimate hidden states and first outputs (SDXL, SD 3), float32. The first output of
+    an encoder with a projection is its projected pooled embedding (text_embeds); SDXL's first encoder has none
+    and SDXL reads the second's only."""
+    states, pooled = [], []
+    for tokenizer, encoder in ((backbone.tokenizer, backbone.text_encoder),
+                               (backbone.tokenizer_2, backbone.text_encoder_2)):
+        out = encoder(_tokens(tokenizer, prompts, backbone.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2].float())
+        pooled.append(out[0].float())
+    return states, pooled
+
+
+def _with_pooled_row(tokens: Tensor, pooled: Tensor, family: str) -> Tensor:
+    """(B, L, D) token states and (B, P) pooled embedding as one (B, L + 1, D) conditioning, the pooled embedding
+    in the first P entries of the last row (the rest zero)."""
+    width = tokens.shape[-1]
+    if pooled.shape[-1] > width:
+        raise DiffinvError(f"{family}'s pooled embedding ({pooled.shape[-1]}) is wider than its token states ({width})")
+    return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))[:, None]], dim=1)
+
+
 def _load_vae_unet_scheduler(source: str, kw: dict, wkw: dict) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -159,17 +181,8 @@ class StableDiffusionXL(Diffusion):
         }
 
     def encode(self, backbone, prompts: list[str]) -> Tensor:
-        states, pooled = [], None
-        for tokenizer, encoder in ((backbone.tokenizer, backbone.text_encoder),
-                                   (backbone.tokenizer_2, backbone.text_encoder_2)):
-            out = encoder(_tokens(tokenizer, prompts, backbone.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2].float())
-            pooled = out[0].float()  # the last encoder's projected pooled embedding (text_embeds)
-        tokens = torch.cat(states, dim=-1)
-        B, L, D = tokens.shape
-        if pooled.shape[-1] > D:
-            raise DiffinvError(f"SDXL's pooled embedding ({pooled.shape[-1]}) is wider than its token states ({D})")
-        cond = torch.cat([tokens, torch.nn.functional.pad(pooled, (0, D - pooled.shape[-1]))[:, None]], dim=1)
+        states, pooled = _clip_states(backbone, prompts)
+        cond = _with_pooled_row(torch.cat(states, dim=-1), pooled[-1], self.name)  # the second encoder's pooled
         if self.force_zeros_for_empty_prompt:
             empty = torch.tensor([not p for p in prompts], device=cond.device).view(-1, 1, 1)
             cond = torch.where(empty, torch.zeros_like(cond), cond)
@@ -241,12 +254,7 @@ class StableDiffusion3:
         return parts
 
     def encode(self, backbone, prompts: list[str]) -> Tensor:
-        states, pooled = [], []
-        for tokenizer, encoder in ((backbone.tokenizer, backbone.text_encoder),
-                                   (backbone.tokenizer_2, backbone.text_encoder_2)):
-            out = encoder(_tokens(tokenizer, prompts, backbone.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2].float())
-            pooled.append(out[0].float())
+        states, pooled = _clip_states(backbone, prompts)
         width = backbone.unet.config.joint_attention_dim
         if backbone.text_encoder_3 is None:
             t5 = torch.zeros(len(prompts), self.t5_tokens, width, device=backbone.device)
@@ -256,10 +264,7 @@ class StableDiffusion3:
             t5 = backbone.text_encoder_3(ids)[0].float()
         clip = torch.cat(states, dim=-1)
         tokens = torch.cat([torch.nn.functional.pad(clip, (0, width - clip.shape[-1])), t5], dim=1)
-        pooled = torch.cat(pooled, dim=-1)
-        if pooled.shape[-1] > width:
-            raise DiffinvError(f"SD 3's pooled embedding ({pooled.shape[-1]}) is wider than its joint states ({width})")
-        return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))[:, None]], dim=1)
+        return _with_pooled_row(tokens, torch.cat(pooled, dim=-1), self.name)
 
     def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         model = backbone.unet
