@@ -229,13 +229,16 @@ def test_models_are_loaded_once_and_dropped_beyond_the_limit(studio, settings, t
 
 
 def test_serve_without_gradio_says_what_to_install(monkeypatch, tmp_path, capsys):
+    import os
     import sys
 
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # serve() sets Gradio's and matplotlib's folders
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the app extra were not installed
     with pytest.raises(SystemExit) as e:
         main(["serve", "--output_dir", str(tmp_path / "served"), "--port", "0"])
     assert e.value.code == 2
     assert "diffinv serve needs Gradio: pip install 'diffinv[app]'" in capsys.readouterr().err
+    assert not (tmp_path / "served").exists()  # nothing written
 
 
 @pytest.mark.parametrize("args, expected", [(["--port", "70000"], "--port must be in [0, 65535]"),

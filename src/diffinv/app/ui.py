@@ -177,12 +177,12 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 7860, model: 
           device: str = "auto", max_models: int = 1, block: bool = True):
     """Start the page on ``host:port`` (``port`` 0: a free one); returns the running ``gr.Blocks``."""
     folder = Path(folder).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     prepare_environment(folder)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise DiffinvError("diffinv serve needs Gradio: pip install 'diffinv[app]'") from None
+    folder.mkdir(parents=True, exist_ok=True)
     from .session import Studio
 
     studio = Studio(folder, device=device, max_models=max_models)
