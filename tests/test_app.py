@@ -269,3 +269,17 @@ def test_every_button_waits_in_one_queue_of_one(studio):
     assert {f.name for f in events} == {"on_invert", "on_load", "on_edit"}
     assert {f.concurrency_id for f in events} == {QUEUE}
     assert {f.concurrency_limit for f in events} == {"default"} and page._queue.default_concurrency_limit == 1
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_page_works_on_every_family(family, studio, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
+    model = str(tiny_sdxl_dir if family == "sdxl" else tiny_sd3_dir)
+    session = studio.session(family)
+    done = studio.invert(session, picture(tmp_path / "cat.png"), SOURCE, InvertSettings(model, "NPI", 4))
+    assert done.psnr > 5
+    assert studio.edit(session, EditSettings(TARGET, "SDEdit")).image.path.is_file()
+    if family == "sdxl":
+        assert studio.edit(session, EditSettings(TARGET, "P2P replace")).image.path.is_file()
+    else:
+        with pytest.raises(DiffinvError, match="Prompt-to-Prompt edits cross-attention maps"):
+            studio.edit(session, EditSettings(TARGET, "P2P replace"))
