@@ -2,6 +2,7 @@
 errors, sessions that share nothing, records that round-trip, ProxNPI masks, progress."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,8 @@ def pixels(path: Path) -> np.ndarray:
 
 
 @pytest.fixture
-def studio(tmp_path):
-    return Studio(tmp_path / "served", device="cpu")
+def studio(tmp_path, tiny_model_dir):
+    return Studio(tmp_path / "served", device="cpu", models=[str(tiny_model_dir), "shapes"])
 
 
 @pytest.fixture
@@ -153,7 +154,7 @@ def test_editor_settings():
     ("unknown method", "unknown method 'XYZ'"),
     ("zero steps", "steps must be a whole number in [1, 1000]"),
     ("steps not a number", "steps must be a number, got 'ten'"),
-    ("missing model", "does not exist"),
+    ("model not offered", "that model is not offered by this server (it offers: "),
     ("panorama", "over --data.max_aspect"),
 ])
 def test_bad_inversions_say_what_is_wrong(studio, settings, tmp_path, case, expected):
@@ -172,12 +173,12 @@ def test_bad_inversions_say_what_is_wrong(studio, settings, tmp_path, case, expe
         s = InvertSettings(settings.model, "NPI", 0)
     elif case == "steps not a number":
         s = InvertSettings(settings.model, "NPI", "ten")
-    elif case == "missing model":
+    elif case == "model not offered":
         s = InvertSettings(str(tmp_path / "no-such-model"), "NPI", 4)
     elif case == "panorama":
         image = picture(tmp_path / "wide.png", size=(200, 20))
     session = studio.session("bad")
-    with pytest.raises(DiffinvError, match=expected.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+    with pytest.raises(DiffinvError, match=re.escape(expected)):
         studio.invert(session, image, caption, s)
     assert session.record is None and not session.folder.exists()  # nothing written
 
@@ -210,19 +211,26 @@ def test_bad_records_say_what_is_wrong(studio, tmp_path):
     assert session.record is None
 
 
-def test_a_record_of_a_model_that_is_gone(studio, settings, tmp_path):
+def test_a_record_of_a_model_the_server_does_not_offer(studio, settings, tmp_path):
+    """A record names its model; the server loads it only if it is one of its own, and says the same whatever
+    the record names (a folder that exists, one that does not, a hub id): nothing about the server leaks."""
     session = studio.session("gone")
     done = studio.invert(session, picture(tmp_path / "cat.png"), SOURCE, settings)
-    record = Inversion.load(done.record)
-    record.model = str(tmp_path / "deleted-model")
-    record.save(tmp_path / "moved.safetensors")
-    with pytest.raises(DiffinvError, match="deleted-model does not exist"):
-        studio.load_record(studio.session("other"), tmp_path / "moved.safetensors")
+    seen = set()
+    for model in (str(tmp_path / "deleted-model"), str(tmp_path), "someone/huge-model", "../served"):
+        record = Inversion.load(done.record)
+        record.model = model
+        record.save(tmp_path / "moved.safetensors")
+        with pytest.raises(DiffinvError, match="not offered by this server") as e:
+            studio.load_record(studio.session("other"), tmp_path / "moved.safetensors")
+        seen.add(str(e.value))
+    assert len(seen) == 1 and str(tmp_path) not in seen.pop()
+    assert list(studio._models) == [str(Path(settings.model).resolve())]  # nothing else was loaded
 
 
 def test_models_are_loaded_once_and_dropped_beyond_the_limit(studio, settings, tiny_model_dir):
     first = studio.backbone(settings.model)
-    assert studio.backbone(settings.model) is first
+    assert studio.backbone(tiny_model_dir.name) is first  # by the name the page shows, or by value
     studio.backbone("shapes")  # max_models 1: the tiny model is dropped
     assert list(studio._models) == ["shapes"]
     assert isinstance(first.unet, torch.nn.Module)
@@ -255,16 +263,17 @@ def test_the_page_shows_errors_in_one_line():
     from diffinv.app.ui import message, status_line
 
     assert message(DiffinvError("image x.png does not exist")) == "image x.png does not exist"
-    assert message(KeyError("oops")).startswith("internal error (KeyError")
+    assert message(KeyError("/srv/secret/oops")) == "internal error (KeyError); the server's log has the details"
     assert status_line(error="bad") == "**Error:** bad"
     assert status_line("done", warnings=["long prompt"]) == "done\n\n*Warning:* long prompt"
 
 
-def test_every_button_waits_in_one_queue_of_one(studio):
+def test_every_button_waits_in_one_queue_of_one(studio, tmp_path):
     """One request at a time on the device: every event that runs a model shares one concurrency group of 1."""
+    from diffinv.app.guard import Uploads
     from diffinv.app.ui import QUEUE, build
 
-    page = build(studio)
+    page = build(studio, Uploads(tmp_path / "uploads"))
     events = list(page.fns.values())
     assert {f.name for f in events} == {"on_invert", "on_load", "on_edit"}
     assert {f.concurrency_id for f in events} == {QUEUE}
@@ -272,8 +281,9 @@ def test_every_button_waits_in_one_queue_of_one(studio):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_the_page_works_on_every_family(family, studio, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
+def test_the_page_works_on_every_family(family, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
     model = str(tiny_sdxl_dir if family == "sdxl" else tiny_sd3_dir)
+    studio = Studio(tmp_path / "served", device="cpu", models=[model])
     session = studio.session(family)
     done = studio.invert(session, picture(tmp_path / "cat.png"), SOURCE, InvertSettings(model, "NPI", 4))
     assert done.psnr > 5

@@ -90,9 +90,17 @@ def test_upload_invert_edit_twice_download(browser_ready, tmp_path):
         page.choose("editor", "P2P replace")
         assert page.press("edit", "edit of a loaded record").startswith(f"Edited: {target} (P2P replace")
         assert np.array_equal(png(fetch(page.image_urls("gallery")[1])), shown[2])
-        assert len(list(served.iterdir())) == 2  # two tabs, two session folders
+        assert len([p for p in served.iterdir() if p.is_dir()]) == 2  # two tabs, two session folders
         page.driver.close()
         page.driver.switch_to.window(first)
+        # a record whose prompt is HTML and Markdown: shown as text, nothing rendered or fetched
+        hostile = Inversion.load(downloaded)
+        hostile.source_prompt = '<img id="injected" src="/gradio_api/file=/etc/hostname"> ![x](/y.png) **b**'
+        hostile.save(tmp_path / "hostile.safetensors")
+        page.find("#record-in input[type=file]").send_keys(str(tmp_path / "hostile.safetensors"))
+        page.wait(lambda: "hostile.safetensors" in page.status(), 120, "the hostile record to load")
+        assert hostile.source_prompt in page.status() and page.finds("#status img, #status a") == []
+        assert [e.text for e in page.finds("#status strong")] == [page.status().split("PSNR ")[1].split(" in ")[0]]
 
         resources = page.resources()
         assert resources and all(r.startswith(url) or r.startswith("data:") or r.startswith("blob:")

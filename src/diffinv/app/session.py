@@ -46,6 +46,7 @@ from ..inversion import (
 )
 from ..metrics import psnr
 from ..output import save_png
+from .guard import SESSIONS, ModelMenu
 
 METHODS: dict[str, type[InversionMethod]] = {
     "DDIM": DDIMInversion,
@@ -78,7 +79,7 @@ class InvertSettings:
     """What the Invert button runs."""
 
     model: str = EMBEDDED_MODEL
-    """--model.backbone.pretrained: 'shapes' (embedded), a hub id in the local cache, or a diffusers folder."""
+    """One of the server's models, by the name the page shows (see :class:`~diffinv.app.guard.ModelMenu`)."""
     method: str = "NPI"
     """One of :data:`METHODS`."""
     steps: int = 50
@@ -254,10 +255,16 @@ class Studio:
         folder: Where everything is written (a sub-folder per browser session); nothing is written elsewhere.
         device: 'cpu', 'cuda', 'cuda:1', ... or 'auto' (the GPU where there is one).
         max_models: Models kept loaded at once; loading another drops the least recently used (when idle).
+        models: The models sessions may use (``--model.backbone.pretrained`` values), the default first; no
+            other model is ever loaded, whatever a form or a record names.
+        max_side: The longest image side a session may invert, and a record's source image may have, in pixels.
     """
 
-    def __init__(self, folder: str | Path, device: str = "auto", max_models: int = 1):
+    def __init__(self, folder: str | Path, device: str = "auto", max_models: int = 1,
+                 models: list[str] | tuple[str, ...] = (EMBEDDED_MODEL,), max_side: int = 2048):
         self.folder = Path(folder).expanduser().resolve()
+        self.models = ModelMenu(models)
+        self.max_side = int(max_side)
         self.folder.mkdir(parents=True, exist_ok=True)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,7 +283,9 @@ class Studio:
             return self._locks.setdefault(model, threading.Lock())
 
     def backbone(self, model: str) -> Backbone:
-        """The loaded model (loaded on first use; a missing one raises a one-line DiffinvError)."""
+        """The loaded model (loaded on first use; a missing one raises a one-line DiffinvError). Only the
+        server's models are ever loaded: ``model`` is one of :attr:`models`, by name or by value."""
+        model = self.models.pretrained(model)
         with self._pool:
             if model in self._models:
                 self._models.move_to_end(model)
@@ -295,7 +304,7 @@ class Studio:
     def method(self, cls: type[InversionMethod], model: str, steps: int, guidance_scale: float,
                quantile: float = 0.7, editor: Editor | None = None) -> InversionMethod:
         """An inversion method on the shared, already loaded model."""
-        kw = dict(backbone=BackboneConfig(pretrained=model), num_inference_steps=steps,
+        kw = dict(backbone=BackboneConfig(pretrained=self.models.pretrained(model)), num_inference_steps=steps,
                   guidance_scale=guidance_scale, editor=editor)
         if "proximal" in inspect.signature(cls).parameters:
             kw["proximal"] = ProximalGuidance(quantile=quantile)
@@ -307,7 +316,25 @@ class Studio:
     def session(self, key: str) -> Session:
         """A new session whose files go to ``<folder>/sessions/<key>``."""
         safe = re.sub(r"[^A-Za-z0-9_-]+", "_", key or "session")[:64] or "session"
-        return Session(folder=self.folder / "sessions" / safe)
+        return Session(folder=self.folder / SESSIONS / safe)
+
+    def _check_side(self, width: int, height: int, what: str) -> None:
+        """Refuse an image over the server's ``max_side`` before any work."""
+        if max(width, height) > self.max_side:
+            raise DiffinvError(f"the {what} is {width}x{height} pixels; this server takes at most {self.max_side} "
+                               "pixels a side (--max_side)")
+
+    def _image_side(self, image: Path) -> None:
+        """The image's size from its header (nothing decoded) against ``max_side``; an unreadable file is left to
+        the usual image checks, which say what is wrong with it."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                width, height = im.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return
+        self._check_side(width, height, "image")
 
     def _new_run(self, session: Session) -> Path:
         session.runs += 1
@@ -342,9 +369,10 @@ class Studio:
         steps = _number(settings.steps, "steps", 1, 1000, integer=True)
         scale = _number(settings.guidance_scale, "guidance scale", 0, 100)
         quantile = _number(settings.quantile, "ProxNPI quantile", 0, 1)
-        model = (settings.model or "").strip() or EMBEDDED_MODEL
+        model = self.models.name_of((settings.model or "").strip() or self.models.names[0])
         settings = InvertSettings(model, settings.method, steps, scale, quantile)
         caption = check_prompt(caption, "the caption")
+        self._image_side(Path(image))
         items = build_items([InputRow("the uploaded image", caption, image=Path(image), id="image")],
                             resolution=None, square=False, max_aspect=4.0)
         progress(0.0, f"loading {model}")
@@ -373,11 +401,17 @@ class Studio:
         if cls is None:
             raise DiffinvError(f"the record was made by method {record.method!r}, which the page cannot edit "
                                f"(it edits {', '.join(RECORD_METHODS)})")
+        try:
+            model = self.models.name_of(record.model)
+        except DiffinvError as e:
+            raise DiffinvError(f"the record's model: {e}") from None
+        self._check_side(record.source_image.shape[-1], record.source_image.shape[-2], "record's source image")
         name = next((k for k, v in METHODS.items() if v is cls), record.method)
-        settings = InvertSettings(record.model, name, record.num_steps, record.guidance_scale)
-        progress(0.0, f"loading {record.model}")
-        with self._lock(record.model):
-            method = self.method(cls, record.model, record.num_steps, record.guidance_scale)
+        settings = InvertSettings(model, name, record.num_steps, record.guidance_scale)
+        progress(0.0, f"loading {model}")
+        with self._lock(model):
+            method = self.method(cls, model, record.num_steps, record.guidance_scale)
+            # CHECK_RECORD_PENDING
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()

@@ -3,18 +3,23 @@
 Every handler is a thin wrapper over :class:`diffinv.app.session.Studio`: it turns a problem into one line shown
 in the page (the ``status`` box), never a traceback. All events share one queue of one worker, so a single request
 runs on the device at a time; each browser tab has its own :class:`Session` (``gr.State``) and sub-folder.
+Every client may be hostile (:mod:`diffinv.app.guard`): the handlers open only files uploaded through the page,
+load only the server's models, escape what a client typed and show no server path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DiffinvError
+from .guard import (SESSIONS, UPLOADS, Uploads, clear_uploads, exposure_warning, own_folder, plain, read_auth,
+                    scrub)
 
 if TYPE_CHECKING:  # the session module imports torch and Lightning: only after prepare_environment
     from .session import Inverted, Session, Studio
@@ -31,32 +36,37 @@ QUEUE = "device"
 
 def prepare_environment(folder: Path) -> None:
     """Before Gradio is imported: no analytics or version calls, and its uploads (and matplotlib's font cache,
-    which Gradio's import builds) kept inside ``folder``."""
+    which Gradio's import builds) kept inside ``folder`` (the upload folder is always ``folder/.uploads``: the
+    handlers accept files from there alone)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(folder / ".uploads"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder / UPLOADS)
     os.environ.setdefault("MPLCONFIGDIR", str(folder / ".cache" / "matplotlib"))
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def message(e: BaseException) -> str:
-    """The one line the page shows for an error."""
+    """The one line the page shows for an error, with no absolute server path in it."""
     from ..cli import one_line
 
     text = one_line(e)
     if text is None:  # a bug, not the user's input: keep the traceback in the server's log
         log.error("%s", "".join(traceback.format_exception(e)))
-        text = f"internal error ({type(e).__name__}: {e}); the server's log has the details"
-    return text
+        text = f"internal error ({type(e).__name__}); the server's log has the details"
+    return scrub(text)
 
 
 def status_line(ok: str | None = None, error: str | None = None, warnings: list[str] | None = None) -> str:
-    lines = [f"**Error:** {error}" if error else f"{ok}"]
-    lines += [f"*Warning:* {w}" for w in warnings or []]
+    """The status box's Markdown: ``ok`` is the page's own (already escaped), the error and warnings are shown
+    literally."""
+    lines = [f"**Error:** {plain(error)}" if error else f"{ok}"]
+    lines += [f"*Warning:* {plain(scrub(w))}" for w in warnings or []]
     return "\n\n".join(lines)
 
 
-def build(studio: Studio, model: str = "shapes", steps: int = 50):
-    """The page (a ``gr.Blocks``) over ``studio``; ``model`` and ``steps`` are the form's defaults."""
+def build(studio: Studio, uploads: Uploads, steps: int = 50, upload_ttl: int = 3600):
+    """The page (a ``gr.Blocks``) over ``studio``: its models are offered, the first is the form's default;
+    ``steps`` is the form's default step count. Handlers open only files in ``uploads``; Gradio deletes each
+    upload (and its own copies of the results) ``upload_ttl`` seconds after it was made."""
     import gradio as gr
 
     from .session import EDITORS, METHODS, EditSettings, InvertSettings
@@ -74,8 +84,8 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
     def shown(session: Session, done: Inverted, what: str):
         return (session, str(done.source.path), str(done.reconstruction.path),
                 status_line(f"{what}: reconstruction PSNR **{done.psnr:.2f} dB** in {done.reconstruction.seconds:.1f} s "
-                            f"({session.settings.method}, {session.record.num_steps} steps, model "
-                            f"`{session.settings.model}`)", warnings=done.warnings),
+                            f"({plain(session.settings.method)}, {session.record.num_steps} steps, model "
+                            f"{plain(session.settings.model)})", warnings=done.warnings),
                 gallery(session), files(session), gr.update(value=str(done.record), interactive=True))
 
     def failed(session, e):
@@ -85,6 +95,7 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
                   progress=gr.Progress()):
         session = own(session)
         try:
+            image = uploads.accept(image, "image")
             done = studio.invert(session, image, caption, InvertSettings(model_id, method, n, scale, quantile),
                                  progress=lambda f, what: progress(f, desc=what))
         except Exception as e:  # noqa: BLE001 - shown in the page as one line
@@ -96,10 +107,11 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
         if record is None:
             return (session, *[gr.skip()] * 6)
         try:
+            record = uploads.accept(record, "record")
             done = studio.load_record(session, record, progress=lambda f, what: progress(f, desc=what))
         except Exception as e:  # noqa: BLE001
             return failed(session, e)
-        return shown(session, done, f"Loaded `{Path(record).name}` ({session.record.source_prompt!r})")
+        return shown(session, done, f"Loaded {plain(Path(record).name)} ({plain(repr(session.record.source_prompt))})")
 
     def on_edit(session, target, editor, words, scale, blend, cross, self_steps, strength, show_mask,
                 progress=gr.Progress()):
@@ -110,20 +122,22 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
         except Exception as e:  # noqa: BLE001
             return session, gr.skip(), status_line(error=message(e)), gr.skip()
         return (session, gallery(session),
-                status_line(f"Edited: *{done.image.caption}*", warnings=done.warnings), files(session))
+                status_line(f"Edited: *{plain(done.image.caption)}*", warnings=done.warnings), files(session))
 
-    with gr.Blocks(title="diffinv: invert once, edit by typing") as page:
+    cleanup = (max(1, min(600, upload_ttl // 2)), max(1, upload_ttl))
+    with gr.Blocks(title="diffinv: invert once, edit by typing", delete_cache=cleanup) as page:
         session = gr.State(None)
         gr.Markdown("## diffinv: invert a photo once, then edit it by typing\n"
                     "Upload an image and its caption, pick a model and a method, press **Invert**; then type target "
-                    "prompts and press **Edit** as often as you like. Everything is written to the server's "
-                    f"folder `{studio.folder}`.")
+                    "prompts and press **Edit** as often as you like. Your images, records and edits are kept on "
+                    "the server, in a folder of this tab's own.")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.File(label="Image (PNG, JPEG, WebP, TIFF, ...)", file_types=["image"], elem_id="image")
                 caption = gr.Textbox(label="Caption of the image (the source prompt)", elem_id="caption")
                 with gr.Row():
-                    model_id = gr.Textbox(model, label="Model (--model.backbone.pretrained)", elem_id="model")
+                    model_id = gr.Dropdown(studio.models.names, value=studio.models.names[0], label="Model",
+                                           allow_custom_value=False, elem_id="model")
                     method = gr.Dropdown(list(METHODS), value="NPI", label="Method", elem_id="method")
                 with gr.Row():
                     n = gr.Number(steps, label="Steps", precision=0, minimum=1, maximum=1000, elem_id="steps")
@@ -173,45 +187,86 @@ def build(studio: Studio, model: str = "shapes", steps: int = 50):
     return page
 
 
-def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 7860, model: str = "shapes", steps: int = 50,
-          device: str = "auto", max_models: int = 1, block: bool = True):
-    """Start the page on ``host:port`` (``port`` 0: a free one); returns the running ``gr.Blocks``."""
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 7860, models: list[str] | tuple[str, ...] = ("shapes",),
+          steps: int = 50, device: str = "auto", max_models: int = 1, block: bool = True,
+          auth: list[tuple[str, str]] | None = None, max_file_size_mb: float = 64, upload_ttl: int = 3600,
+          max_side: int = 2048):
+    """Start the page on ``host:port`` (``port`` 0: a free one); returns the running ``gr.Blocks``.
+
+    ``models`` are the only models it loads (the first is the form's default). Gradio serves the sessions' folder
+    alone (never ``folder`` itself), takes uploads up to ``max_file_size_mb`` and deletes them ``upload_ttl``
+    seconds after they were made (and any left by an earlier server at start); ``auth`` is Gradio's login."""
+    from .guard import ModelMenu
+
     folder = Path(folder).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise DiffinvError(f"--output_dir {folder.name} is an existing file, not a folder")
+    ModelMenu(models)  # a model the server cannot offer is refused before anything is written
     prepare_environment(folder)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise DiffinvError("diffinv serve needs Gradio: pip install 'diffinv[app]'") from None
     folder.mkdir(parents=True, exist_ok=True)
+    uploads, sessions = own_folder(folder / UPLOADS), own_folder(folder / SESSIONS)
+    if clear_uploads(uploads):
+        log.info("removed the uploads an earlier server left in %s", uploads)
     from .session import Studio
 
-    studio = Studio(folder, device=device, max_models=max_models)
-    page = build(studio, model=model, steps=steps)
+    studio = Studio(folder, device=device, max_models=max_models, models=models, max_side=max_side)
+    page = build(studio, Uploads(uploads, int(max_file_size_mb * 2**20)), steps=steps, upload_ttl=upload_ttl)
     page.launch(server_name=host, server_port=port or None, share=False, inbrowser=False, ssr_mode=False,
-                allowed_paths=[str(folder)], prevent_thread_lock=not block, show_error=False, quiet=False,
-                footer_links=[], css=CSS)
+                allowed_paths=[str(sessions)], max_file_size=int(max_file_size_mb * 2**20), auth=auth,
+                prevent_thread_lock=not block, show_error=False, quiet=False, footer_links=[], css=CSS)
     return page
 
 
 def main(argv: list[str]) -> None:
-    """``diffinv serve [--host H] [--port N] [--output_dir DIR] [--model M] [--steps N] [--device D]``."""
+    """``diffinv serve [--host H] [--port N] [--output_dir DIR] [--model M] [--allow_model M ...] [--auth FILE]
+    [--steps N] [--device D] [--max_models N] [--max_file_size MB] [--upload_ttl S] [--max_side PX]``."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="diffinv serve", description="The browser editor: invert an image once, then edit it by typing.")
+        prog="diffinv serve", description="The browser editor: invert an image once, then edit it by typing. "
+        "Every client may be hostile: it can open only what it uploaded, sees only what the page wrote for it, and "
+        "runs only the models named here (README: 'Running it on a shared host').")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                        "only; 0.0.0.0 exposes the page to the network)")
+                        "only; 0.0.0.0 exposes the page to the network: use --auth)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free one)")
     parser.add_argument("--output_dir", default="diffinv-serve", help="the folder everything is written to: "
-                        "uploads, records, images, one sub-folder per browser session (default ./diffinv-serve)")
+                        "uploads (.uploads/), one sub-folder per browser session (sessions/); only sessions/ is "
+                        "served (default ./diffinv-serve)")
     parser.add_argument("--model", default="shapes", help="the form's default model: 'shapes' (embedded, offline), "
                         "a hub id in the local cache or a diffusers folder")
+    parser.add_argument("--allow_model", action="append", default=[], metavar="MODEL",
+                        help="another model the page may offer (repeat it for more); no other model is ever "
+                        "loaded, whatever a client or a record names")
+    parser.add_argument("--auth", default=None, metavar="FILE",
+                        help="a file of user:password lines: the page asks for a login (else from "
+                        "$DIFFINV_SERVE_AUTH; never the password itself on the command line)")
     parser.add_argument("--steps", type=int, default=50, help="the form's default step count (default 50)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: the GPU if any)")
     parser.add_argument("--max_models", type=int, default=1, help="models kept loaded at once (default 1)")
+    parser.add_argument("--max_file_size", type=float, default=64, metavar="MB",
+                        help="the largest upload, image or record, in MB (default 64)")
+    parser.add_argument("--upload_ttl", type=int, default=3600, metavar="SECONDS",
+                        help="uploads are deleted this long after they arrive (default 3600); results stay")
+    parser.add_argument("--max_side", type=int, default=2048, metavar="PIXELS",
+                        help="the longest image side the page inverts or a loaded record may hold (default 2048)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    serve(args.output_dir, args.host, args.port, args.model, args.steps, args.device, args.max_models)
+    for name in ("steps", "max_models", "upload_ttl", "max_side"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.max_file_size < float("inf"):
+        parser.error(f"--max_file_size must be a positive number of MB, got {args.max_file_size}")
+    if not args.output_dir.strip():
+        parser.error("--output_dir is empty: name the folder to write to")
+    auth = read_auth(args.auth)
+    warning = exposure_warning(args.host, auth is not None)
+    if warning:
+        print(f"diffinv: warning: {warning}", file=sys.stderr)
+    serve(args.output_dir, args.host, args.port, [args.model, *args.allow_model], args.steps, args.device,
+          args.max_models, auth=auth, max_file_size_mb=args.max_file_size, upload_ttl=args.upload_ttl,
+          max_side=args.max_side)
