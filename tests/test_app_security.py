@@ -141,6 +141,21 @@ def test_images_and_records_over_max_side_are_refused_before_any_work(page, tmp_
     assert "record's source image is 200x40 pixels" in shown(status)
 
 
+def test_a_record_whose_latents_do_not_fit_its_image_is_refused_before_sampling(page, monkeypatch):
+    """The issue's 3.7 MB record with oversized latents held the queue for 40 s: now it is refused before any
+    sampling (the sampler is never reached)."""
+    session, _ = page.invert(picture(page.uploads.folder / "r" / "cat.png"))
+    record = Inversion.load(session.record_path)
+    c, h, w = record.z0.shape
+    record.z0 = torch.zeros(c, 8 * h, 8 * w)
+    record.trajectory = torch.zeros(record.trajectory.shape[0], c, 8 * h, 8 * w)
+    record.save(page.uploads.folder / "r" / "big-latents.safetensors")
+    sampled = []
+    monkeypatch.setattr("diffinv.inversion.base.InversionMethod.edit", lambda *a, **k: sampled.append(1))
+    loaded, status = page.load(page.uploads.folder / "r" / "big-latents.safetensors")
+    assert f"holds {8 * h}x{8 * w} latents for a" in shown(status) and sampled == [] and loaded.record is None
+
+
 def test_only_the_servers_models_are_loaded_and_the_refusal_reveals_nothing(page, tmp_path, tiny_sdxl_dir):
     """The model box offers the server's models; a client naming another (a folder that exists, one that does
     not, a hub id) gets one message that does not depend on what it named, and nothing is loaded or fetched."""

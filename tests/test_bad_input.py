@@ -53,12 +53,17 @@ def world(tmp_path, tiny_model_dir):
         "good": manifest("good.jsonl", good | {"id": "car"}),
     }
     (tmp_path / "a_file").write_text("not a folder")
+    configs = {"empty_yaml": "", "malformed_yaml": "model: [1, 2\n  bad: : x\n",
+               "ten_yaml": "model:\n  init_args:\n    guidance_scale: ten\n"}
+    for key, text in configs.items():
+        (tmp_path / f"{key.removesuffix('_yaml')}.yaml").write_text(text)
+        files[key] = str(tmp_path / f"{key.removesuffix('_yaml')}.yaml")
     (tmp_path / "bad_record").mkdir()
     (tmp_path / "bad_record" / "x").mkdir()
     (tmp_path / "bad_record" / "x" / "inversion.safetensors").write_bytes(b"\x00" * 64)
 
-    def run(*args, config="npi.yaml", out="out"):
-        argv = ["predict", "-c", str(REPO / "configs" / config), "--model.backbone.pretrained", str(tiny_model_dir),
+    def run(*args, config="npi.yaml", out="out", sub="predict"):
+        argv = [sub, "-c", str(REPO / "configs" / config), "--model.backbone.pretrained", str(tiny_model_dir),
                 "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu",
                 "--output_dir", str(tmp_path / out), *args]
         try:
@@ -85,6 +90,67 @@ CASES = {
     "panorama": (["--data.image", "{tmp}/panorama.png", "--data.source_prompt", "a red car"],
                  r"panorama.png is 10000x20, 500:1, over --data.max_aspect 4", {}),
     "corrupt saved inversion": (["--data.records", "{tmp}/bad_record"], "bad_record/x/inversion.safetensors is corrupt", {}),
+    # jsonargparse's errors: one line naming the option (or the file) and what it accepts, not a usage wall
+    "invalid proximal operator": (["--model.proximal.prox", "nonsense"],
+                                  r"^diffinv: error: --model.proximal.prox: 'nonsense' is not a valid choice: use one "
+                                  r"of l0, l1, authors_l0, authors_l1$", {"config": "proxnpi.yaml"}),
+    "invalid P2P mode": (["--model.editor.mode", "swap"],
+                         r"--model.editor.mode: 'swap' is not a valid choice: use one of replace, refine$",
+                         {"config": "edit_p2p_replace.yaml"}),
+    "invalid precision": (["--trainer.precision", "bogus"],
+                          r"--trainer.precision: 'bogus' is not a valid choice: use one of 64, 32, 16, .*bf16-mixed", {}),
+    "misspelt model option": (["--model.guidence_scale", "7"],
+                              r"unknown option --model.guidence_scale: did you mean --model.guidance_scale\?$", {}),
+    "misspelt data option": (["--data.batchsize", "2"],
+                             r"unknown option --data.batchsize: did you mean --data.batch_size\?$", {}),
+    "misspelt top-level option": (["--output_dirr", "x"], r"unknown option --output_dirr: did you mean --output_dir\?$",
+                                  {}),
+    "NaN guidance scale": (["--model.guidance_scale", "nan"],
+                           r"--model.guidance_scale: expected a finite number, got 'nan'$", {}),
+    "word for a number": (["--model.guidance_scale", "ten"], r"--model.guidance_scale: expected a number, got 'ten'$",
+                          {}),
+    "word for a whole number": (["--model.num_inference_steps", "2.5"],
+                                r"--model.num_inference_steps: expected a whole number, got '2.5'$", {}),
+    "word for a number in a YAML": (["-c", "{ten_yaml}"], r"model.guidance_scale in .*ten.yaml: expected a number, "
+                                    r"got 'ten'$", {}),
+    "empty config file": (["-c", "{empty_yaml}"], r"config file .*empty.yaml is empty", {}),
+    "malformed config file": (["-c", "{malformed_yaml}"], r"config file .*malformed.yaml is not valid YAML at line 2, "
+                              "column 6", {}),
+    "missing config file": (["-c", "{tmp}/nope.yaml"], r"config file .*nope.yaml does not exist", {}),
+    # values accepted in silence before: refused at config time
+    "overflowing guidance scale": (["--model.guidance_scale", "1e999"], "guidance_scale must be a finite number, got inf",
+                                   {}),
+    "negative guidance scale": (["--model.guidance_scale", "-1"], r"guidance_scale must be >= 0, got -1.0", {}),
+    "negative guidance scale, DDIM": (["--model.guidance_scale", "-0.5"], r"guidance_scale must be >= 0, got -0.5",
+                                      {"config": "ddim.yaml"}),
+    "negative source guidance scale": (["--model.source_guidance_scale", "-2"],
+                                       r"source_guidance_scale must be >= 0, got -2.0", {"config": "cycle_diffusion.yaml"}),
+    "negative NTI lr": (["--model.lr", "-0.01"], r"^diffinv: error: lr must be > 0, got -0.01",
+                        {"config": "null_text.yaml"}),
+    "zero latent-TOP lr": (["--model.lr", "0"], r"lr must be > 0, got 0.0", {"config": "latent_top.yaml"}),
+    "negative latent-TOP noise lr": (["--model.noise_bias_lr", "-1"], r"noise_bias_lr must be > 0, got -1.0",
+                                     {"config": "latent_top.yaml"}),
+    "negative inner steps": (["--model.num_inner_steps", "-3"], r"num_inner_steps must be >= 0, got -3",
+                             {"config": "null_text.yaml"}),
+    "zero starts": (["--model.num_starts", "0"], r"num_starts must be >= 1, got 0", {"config": "latent_top.yaml"}),
+    "negative hops": (["--model.hops", "-1"], r"hops must be >= 0, got -1", {"config": "latent_top.yaml"}),
+    "local blend threshold over 1": (["--model.editor.local_blend_threshold", "1.5"],
+                                     r"editor.local_blend_threshold must be in \[0, 1\], got 1.5 .*no-op",
+                                     {"config": "edit_p2p_replace.yaml"}),
+    "local blend threshold under 0": (["--model.editor.local_blend_threshold", "-0.1"],
+                                      r"editor.local_blend_threshold must be in \[0, 1\], got -0.1",
+                                      {"config": "edit_p2p_replace.yaml"}),
+    "negative proximal step": (["--model.proximal.step_size", "-1"], r"proximal.step_size must be in \[0, 1\], got -1.0",
+                               {"config": "proxnpi.yaml"}),
+    # a config run with the other subcommand
+    "predict config under fit": ([], r"npi.yaml sets return_predictions, an option of `diffinv predict` only: this "
+                                 r"method runs with `diffinv predict -c .*npi.yaml`", {"sub": "fit"}),
+    "fit method under predict": (["--data.image", "{tmp}/red.png", "--data.source_prompt", "a red car"],
+                                 r"null_text optimises per image: run it with `diffinv fit`",
+                                 {"config": "null_text.yaml"}),
+    "predict option under fit": (["--return_predictions", "false"],
+                                 r"--return_predictions is an option of `diffinv predict` only: drop it under "
+                                 "`diffinv fit`", {"config": "null_text.yaml", "sub": "fit"}),
     # the output folder
     "output_dir a file": (["--output_dir", "{tmp}/a_file"], "a_file is an existing file, not a folder", {}),
     # config-time checks, raised inside jsonargparse's instantiation
@@ -275,3 +341,151 @@ def test_out_of_memory_and_wrapped_config_errors_are_one_line():
     except ValueError as wrapped:
         assert one_line(wrapped) == "num_inference_steps must be >= 1, got 0"
     assert one_line(KeyError("a bug")) is None  # anything else keeps its traceback
+
+
+# --- saved records: tampered, or edited with another step count ------------------------------------------------
+
+
+def tamper(good: Path, folder: Path, tensors=None, metadata=None) -> Path:
+    """A copy of the record ``good`` as ``folder/x/inversion.safetensors``, its tensors and metadata changed by
+    the functions ``tensors`` and ``metadata`` (each takes the dict and changes it in place)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(good), framework="pt") as f:
+        data, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    (tensors or (lambda d: None))(data)
+    (metadata or (lambda d: None))(meta)
+    path = folder / "x" / "inversion.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in data.items()}, str(path), metadata=meta)
+    return path
+
+
+def _set(d: dict, **kw) -> None:
+    d.update(kw)
+
+
+def _latents(d: dict, fn) -> None:
+    for k in ("z0", "trajectory"):
+        d[k] = fn(d[k])
+
+
+TAMPERED = {
+    "meta a list": (None, lambda m: _set(m, meta="[1, 2]"), "has meta of type list, expected a JSON object"),
+    "start level not an integer": (None, lambda m: _set(m, meta=json.dumps({"start_level": "half"})),
+                                   "has meta start_level 'half', expected an integer step level"),
+    "start level out of range": (None, lambda m: _set(m, meta=json.dumps({"start_level": "7"})),
+                                 r"has meta start_level 7, expected a level in 0\.\.2"),
+    "wrong channel count": (lambda d: _latents(d, lambda t: t[..., :3, :, :]), None,
+                            r"holds 3-channel latents; this model's \(.*\) have 4"),
+    "latents not fitting the image": (lambda d: _latents(d, lambda t: t[..., :, :-1]), None,
+                                      r"holds 8x9 latents for a 16x20 source image; this model's VAE \(factor 2\) "
+                                      "needs 8x10"),
+    "unconditional of the wrong shape": (lambda d: _set(d, unconditional=torch.zeros(2, 8, 17)), None,
+                                         r"holds unconditional embeddings of shape 8x17 per step; this model's .* "
+                                         "conditioning is 8x16"),
+    "unconditional per step count": (lambda d: _set(d, unconditional=torch.zeros(3, 8, 16)), None,
+                                     r"has an unconditional embedding of shape 3x8x16, expected 2xLxD"),
+    "NaN latents": (lambda d: d["trajectory"].view(-1)[0].fill_(float("nan")), None,
+                    "has NaN or infinite values in trajectory"),
+    "infinite embeddings": (lambda d: _set(d, unconditional=torch.full((2, 8, 16), float("inf"))), None,
+                            "has NaN or infinite values in unconditional"),
+    "NaN guidance scale": (None, lambda m: _set(m, guidance_scale="nan"), "has guidance_scale nan"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_record(tiny_model_dir, tmp_path_factory) -> Path:
+    """A real record of the tiny model: 16x20 image, 2 steps, NPI."""
+    tmp = tmp_path_factory.mktemp("saved")
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(tmp / "red.png")
+    main(["predict", "-c", str(REPO / "configs/npi.yaml"), "--model.backbone.pretrained", str(tiny_model_dir),
+          "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--output_dir", str(tmp / "out"),
+          "--data.image", str(tmp / "red.png"), "--data.source_prompt", "a red car",
+          "--data.target_prompts", '["a blue car"]'])
+    return tmp / "out" / "red" / "inversion.safetensors"
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+def test_a_tampered_record_is_one_line_naming_it(name, saved_record, world, capsys):
+    tensors, metadata, message = TAMPERED[name]
+    path = tamper(saved_record, world.tmp / "tampered", tensors, metadata)
+    before = tree(world.tmp)
+    assert world("--data.records", str(world.tmp / "tampered")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [x for x in err.splitlines() if x.startswith("diffinv: error: ")]
+    assert len(errors) == 1, err
+    import re
+
+    assert f"inversion record {path}" in errors[0] and re.search(message, errors[0]), errors[0]
+    assert tree(world.tmp) == before and not (world.tmp / "out").exists()
+
+
+def test_a_record_with_other_steps_is_refused_only_when_the_option_asks_for_them(saved_record, world, tiny_model_dir,
+                                                                                  capsys):
+    folder = world.tmp / "records"
+    tamper(saved_record, folder)
+    before = tree(world.tmp)
+    assert world("--data.records", str(folder), "--model.num_inference_steps", "3") == 2  # after the fixture's 2
+    err = capsys.readouterr().err
+    assert (f"diffinv: error: inversion record {folder}/x/inversion.safetensors was inverted with 2 steps, not "
+            "--model.num_inference_steps 3: a record is sampled with its own steps; drop the option or give 2") in err
+    assert tree(world.tmp) == before
+    # without the option (the config's 50), the record's own 2 steps
+    main(["predict", "-c", str(REPO / "configs/npi.yaml"), "--model.backbone.pretrained", str(tiny_model_dir),
+          "--trainer.accelerator", "cpu", "--output_dir", str(world.tmp / "edits"), "--data.records", str(folder)])
+    line = json.loads((world.tmp / "edits" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["num_inference_steps"] == 2
+
+
+# --- what a run prints on stderr -------------------------------------------------------------------------------
+
+
+def test_fit_prints_no_lightning_warnings(tiny_model_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffinv.cli", "fit", "-c", str(REPO / "configs/null_text.yaml"),
+         "--model.backbone.pretrained", str(tiny_model_dir), "--model.num_inference_steps", "2",
+         "--model.num_inner_steps", "1", "--trainer.accelerator", "cpu", "--output_dir", str(tmp_path / "o"),
+         "--data.image", str(REPO / "src/diffinv/examples/shapes-0.png"), "--data.source_prompt", "a red car",
+         "--data.target_prompts", '["a blue car"]', "--trainer.enable_progress_bar", "false"],
+        capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import re
+
+    noise = [x for x in proc.stderr.splitlines() if re.search(r"\.py:\d+: |Warning|Trainer\.fit` stopped", x)]
+    assert noise == [], proc.stderr
+    assert (tmp_path / "o" / "shapes-0" / "inversion.safetensors").is_file()
+
+
+def test_a_stop_after_the_last_item_says_nothing_was_dropped(world, capsys, monkeypatch):
+    """SIGTERM once every item is written: the message must not claim an item in progress was dropped."""
+    from diffinv.inversion.base import InversionMethod
+
+    monkeypatch.setattr(InversionMethod, "on_predict_end", lambda self: os.kill(os.getpid(), signal.SIGTERM),
+                        raising=False)
+    assert world("--data.manifest", world.files["good"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"diffinv: stopped by SIGTERM: every item of this run had been written to {world.tmp / 'out'}" in err
+    assert "not written" not in err
+    assert (world.tmp / "out" / "car" / "inversion.safetensors").is_file()
+
+
+def test_a_stop_before_the_last_item_counts_what_was_not_written(world, capsys, monkeypatch):
+    from diffinv.inversion.base import InversionMethod
+
+    real = InversionMethod.run_batch
+
+    def stop_at_second(self, batch):
+        if any(i.id == "b" for i in batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch)
+
+    monkeypatch.setattr(InversionMethod, "run_batch", stop_at_second)
+    rows = [{"image": "red.png", "source_prompt": "a red car", "id": i} for i in ("a", "b")]
+    (world.tmp / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert world("--data.manifest", str(world.tmp / "two.jsonl"), "--data.batch_size", "1") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "the finished items are kept in" in err and "1 of 2 item(s) were not written" in err
+    assert (world.tmp / "out" / "a" / "inversion.safetensors").is_file() and not (world.tmp / "out" / "b").exists()

@@ -172,3 +172,19 @@ def test_perturbations_are_seeded_per_item_and_do_what_they_say():
         InversionData(perturb=Perturbation(caption="replace_word"))
     with pytest.raises(DiffinvError, match="pixel_noise"):
         InversionData(perturb=Perturbation(pixel_noise=-1))
+
+
+def test_benchmark_files_json_cannot_read_are_one_line(tmp_path):
+    """A PIE-Bench mapping or COCO captions file with a number or a nesting Python's json cannot read."""
+    from diffinv.data import coco_rows, pie_bench_rows
+
+    (tmp_path / "pie").mkdir()
+    (tmp_path / "pie" / "mapping_file.json").write_text('{"0": {"mask": ' + "[" * 100000 + "]" * 100000 + "}}")
+    with pytest.raises(DiffinvError, match=r"mapping_file.json: lists or objects nested too deeply"):
+        pie_bench_rows(tmp_path / "pie")
+    (tmp_path / "captions.json").write_text('{"images": [{"id": ' + "7" * 5000 + "}]}")
+    with pytest.raises(DiffinvError, match=r"captions.json: a number of 5000 digits"):
+        coco_rows(tmp_path / "captions.json", None, None, 0)
+    (tmp_path / "pie" / "mapping_file.json").write_text("[1, 2]")
+    with pytest.raises(DiffinvError, match=r"mapping_file.json: expected an object of entries, got a list"):
+        pie_bench_rows(tmp_path / "pie")

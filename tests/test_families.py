@@ -3,7 +3,6 @@ diffusers' own SDXL pipeline, every method config through the CLI on SDXL, exact
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +18,8 @@ from diffinv.errors import DiffinvError
 from diffinv.families import StableDiffusion, StableDiffusion3, StableDiffusionXL
 from diffinv.inversion.record import Inversion
 
-REPO = Path(__file__).resolve().parents[1]
-METHOD_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")
-                        if "class_path: diffinv.inversion." in p.read_text())
+from test_cli import METHOD_CONFIGS, REPO
+from test_cli import cli as run_cli
 
 
 def test_families_are_told_apart(tiny_model_dir, tiny_sdxl_dir, tiny_backbone, tiny_sdxl, tiny_sd3, tmp_path):
@@ -95,16 +93,6 @@ def test_null_text_inversion_on_sdxl_optimises_the_pooled_embedding(tiny_sdxl_di
     assert u.shape == (4, L + 1, 24)
     assert u[:, L, :12].abs().sum() > 0  # the pooled row moved from the zero null embedding
     assert not u[:, L, 12:].any()  # the padding of the pooled row is never read, never changed
-
-
-def run_cli(*args):
-    from diffinv.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

@@ -139,3 +139,41 @@ def test_output_dir_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only folder looks to a non-root user
     with pytest.raises(DiffinvError, match="is not writable"):
         check_output_dir(tmp_path / "a")
+
+
+def test_a_metrics_file_json_cannot_read_is_refused_in_one_line(tmp_path):
+    """A metrics.jsonl line nested too deeply or with a number too long for Python's json is not diffinv's."""
+    for text in ("[" * 100000 + "]" * 100000 + "\n", '{"id": ' + "1" * 5000 + "}\n"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        with pytest.raises(DiffinvError, match="metrics.jsonl line 1 was not written by diffinv"):
+            check_output_dir(tmp_path)
+        with pytest.raises(DiffinvError, match="metrics.jsonl line 1 was not written by diffinv"):
+            reconcile_metrics(tmp_path)
+        assert (tmp_path / "metrics.jsonl").read_text() == text
+
+
+def test_a_failing_write_of_metrics_is_cut_back_and_one_line(tmp_path, monkeypatch):
+    """A full disk while appending an item's lines leaves metrics.jsonl as it was (no partial line); a full disk
+    while reconciling leaves the old file whole."""
+    import errno
+
+    from diffinv import output
+
+    output.append_lines(tmp_path, [line("a")])
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        output.append_lines(tmp_path, [line("b"), line("b", "edit", 0)])
+    monkeypatch.setattr(os, "fsync", real)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    make_item(tmp_path, "a", [line("a")])
+    make_item(tmp_path, "c", [line("c")])
+    monkeypatch.setattr(os, "replace", lambda *a: full(0))
+    with pytest.raises(DiffinvError, match=f"cannot write results to {tmp_path}: no space left on device"):
+        reconcile_metrics(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before and not (tmp_path / ".metrics.jsonl.tmp").exists()

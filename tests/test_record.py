@@ -65,3 +65,45 @@ def test_pie_bench_metrics_are_computed_outside_the_edit_mask():
     assert recon["psnr"] == "inf" and recon["psnr_unedited"] == "inf"
     assert isinstance(edited["psnr"], float) and edited["psnr_unedited"] == "inf" and edited["mse_unedited"] == 0.0
     assert edited["editing_type_id"] == "1" and "mask_rle" not in edited
+
+
+def test_load_refuses_model_independent_damage_naming_the_file(tmp_path):
+    cases = {
+        "meta.safetensors": (record(meta=[1, 2]), "has meta of type list"),
+        "level.safetensors": (record(meta={"start_level": "x"}), "start_level 'x', expected an integer"),
+        "eta.safetensors": (record(meta={"eta": "lots"}), "meta eta 'lots', expected a number"),
+        "nan.safetensors": (record(z0=torch.full((4, 2, 2), float("nan"))), "NaN or infinite values in z0"),
+        "w.safetensors": (record(guidance_scale=float("inf")), "guidance_scale inf"),
+        "zt.safetensors": (record(z_T=torch.zeros(4, 3, 2)), "z_T of shape 4x3x2, expected 4x2x2"),
+    }
+    for name, (r, message) in cases.items():
+        path = r.save(tmp_path / name)
+        with pytest.raises(DiffinvError, match=f"inversion record {path} .*{message}"):
+            Inversion.load(path)
+
+
+def test_diagnostic_extras_may_be_nan():
+    """latent-TOP's start losses are NaN with one start by design: only what sampling reads must be finite."""
+    from diffinv.inversion.record import record_problem
+
+    assert record_problem(record(extra={"start_losses": torch.tensor([float("nan")])})) is None
+    assert "extra.step_noise" in record_problem(record(extra={"step_noise": torch.full((4, 4, 2, 2), float("inf"))}))
+
+
+def test_check_record_against_the_model(tiny_backbone):
+    from diffinv.inversion import check_record as exported
+    from diffinv.inversion.record import check_record
+
+    assert exported is check_record
+    sched = tiny_backbone.schedule(4).timesteps.cpu()
+    fits = dict(z0=torch.zeros(4, 4, 5), trajectory=torch.zeros(5, 4, 4, 5), timesteps=sched,
+                source_image=torch.zeros(3, 8, 10, dtype=torch.uint8), unconditional=torch.zeros(4, 8, 16))
+    check_record(record(**fits), tiny_backbone)  # sound: no error
+    with pytest.raises(DiffinvError, match="holds 3-channel latents; this model's .* have 4"):
+        check_record(record(**fits | dict(z0=torch.zeros(3, 4, 5), trajectory=torch.zeros(5, 3, 4, 5))), tiny_backbone)
+    with pytest.raises(DiffinvError, match=r"holds 4x5 latents for a 8x12 source image; .*needs 4x6"):
+        check_record(record(**fits | dict(source_image=torch.zeros(3, 8, 12, dtype=torch.uint8))), tiny_backbone)
+    with pytest.raises(DiffinvError, match="unconditional embeddings of shape 8x32 per step; .*conditioning is 8x16"):
+        check_record(record(**fits | dict(unconditional=torch.zeros(4, 8, 32))), tiny_backbone)
+    with pytest.raises(DiffinvError, match="4 timesteps do not match this model's 4-step schedule"):
+        check_record(record(**fits | dict(timesteps=sched + 1)), tiny_backbone)

@@ -22,11 +22,13 @@ import math
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .errors import DiffinvError
+from .output import NAME_MAX, resolve_output_dir
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TABLE_METRICS = {
@@ -46,6 +48,36 @@ class Run:
     """A diffinv config: a path, or a file name in the repository's configs/."""
     args: list[str] = field(default_factory=list)
     """Extra command-line options for this run."""
+
+
+REPORT_NAMES = ("results.csv", "results.md", "tensorboard", *(f"{m}.png" for ms in TABLE_METRICS.values() for m in ms))
+"""What the bench writes beside the runs' folders in its --output_dir (no run label may take one of these)."""
+
+
+def check_plan(runs: list[Run], steps: list[int] | None) -> None:
+    """Before any run, in one line: every step count is positive, every label is a plain folder name of its own
+    (no '/', no leading '.', not one of :data:`REPORT_NAMES`) and no two runs share one."""
+    if steps is not None and any(n < 1 for n in steps):
+        raise DiffinvError(f"--steps must be positive step counts, got {steps}: give e.g. [10, 20, 50], or leave it "
+                           "out for each config's own")
+    for run in runs:
+        check_label(run.label)
+    counts = Counter(run.label for run in runs)
+    twice = next((label for label, n in counts.items() if n > 1), None)
+    if twice is not None:
+        raise DiffinvError(f"run label {twice!r} is given to {counts[twice]} runs: each run needs a label of its own "
+                           "(it names the run's folder and its row of the table)")
+
+
+def check_label(label: str) -> None:
+    """A run label names its folder under the bench's --output_dir: a plain name that stays inside it."""
+    if (not label.strip() or label.startswith(".") or any(c in label for c in "/\\\0")
+            or len(label.encode()) > NAME_MAX):
+        raise DiffinvError(f"run label {label!r} must be a plain name (not empty, no '/' or '\\', not starting with "
+                           f"'.', at most {NAME_MAX} bytes): it names the run's folder inside --output_dir")
+    if label.casefold() in {n.casefold() for n in REPORT_NAMES}:
+        raise DiffinvError(f"run label {label!r} is a name the bench writes in --output_dir (results.csv, results.md, "
+                           "tensorboard, <metric>.png): choose another")
 
 
 PATH_OPTIONS = ("-c", "--config", "--data.manifest", "--data.image", "--data.records", "--data.pie_bench",
@@ -270,11 +302,12 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
             looked up there and one folder above (set from ``-c``).
     """
     bases = [Path(base), Path(base).parent] if base else []
+    out = resolve_output_dir(output_dir)
+    check_plan(runs, steps)
     if only:
         unknown = sorted(set(only) - {r.label for r in runs})
         if unknown:
             raise DiffinvError(f"--only names no run of this benchmark: {', '.join(unknown)}")
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(run, n) for run in runs if not only or run.label in only for n in (steps or [None])]
     started = time.perf_counter()

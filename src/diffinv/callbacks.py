@@ -69,7 +69,7 @@ def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
         [(r.reconstruction, None, "reconstruction.png")]
         + [(e, t, f"edit-{i}.png") for i, (e, t) in enumerate(zip(r.edits, r.target_prompts))]
     ):
-        lines.append({
+        measured = {
             "id": r.id,
             "method": r.inversion.method,
             "editor": method,
@@ -87,9 +87,15 @@ def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
             "image_size": list(img.shape[-2:]),
             "image_path": f"{r.id}/{name}",
             **r.extra,
-            **{k: v for k, v in r.meta.items() if k != "mask_rle"},
-        })
+        }
+        lines.append(measured | annotations(r.meta, measured))
     return lines
+
+
+def annotations(meta: dict, measured: dict) -> dict:
+    """The item's dataset annotations to carry into its lines: never one named like a measured field (a manifest
+    refuses those up front, :func:`diffinv.output.is_line_field`), nor PIE-Bench's mask (used, not copied)."""
+    return {k: v for k, v in meta.items() if k != "mask_rle" and k not in measured}
 
 
 def write_item(r: ItemResult, output_dir: Path, method: str, model: str, guidance: float,

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,10 +24,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .errors import DiffinvError
-from .output import DONE_MARKER, finished_items, identity
+from .output import DONE_MARKER, check_item_id, finished_items, identity, is_line_field
 from .seeds import keyed_seed
 
 EXAMPLES = Path(__file__).resolve().parent / "examples" / "captions.jsonl"
+MIN_RESOLUTION = 16
+"""The smallest ``--data.resolution``: below it the embedded model's latents are 2x2 or less and its UNet has one
+value per normalisation group (an error), and no model gives a usable image."""
 
 
 @dataclass
@@ -52,6 +56,7 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            _warn_if_animated(im, path)
             im = ImageOps.exif_transpose(im)
     except FileNotFoundError:
         raise DiffinvError(f"image {path} does not exist") from None
@@ -71,6 +76,16 @@ def load_image(path: str | Path) -> np.ndarray:
     if min(im.size) < 1:
         raise DiffinvError(f"image {path} is empty ({im.size[0]}x{im.size[1]})")
     return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _warn_if_animated(im, path: Path) -> None:
+    """One warning naming an image file of several frames (animated GIF, WebP, APNG; multi-page TIFF): only its
+    first frame is inverted."""
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        kind = "animated" if getattr(im, "is_animated", False) else "multi-page"
+        warnings.warn(f"image {path} is {kind} ({frames} frames): only its first frame is used; save the frame you "
+                      "mean as a still image to choose another")
 
 
 def fit_to_model(image: np.ndarray, resolution: int, factor: int, square: bool = False) -> np.ndarray:
@@ -131,12 +146,23 @@ MANIFEST_KEYS = {
     "meta": "an object of annotations carried into metrics.jsonl",
 }
 """The keys of a manifest line. Any other key is an annotation, carried into metrics.jsonl like ``meta``'s; a key
-that looks like a misspelt one of these (``target_prompt``) is refused."""
+that looks like a misspelt one of these (``target_prompt``) is refused, and so is an annotation (here or in
+``meta``) named like a field diffinv writes in a line (``psnr``, ``kind``, ``id``:
+:func:`diffinv.output.is_line_field`)."""
 
 
 def _json_type(value) -> str:
     return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
             dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _check_annotations(annotations: dict, where: str, what: str) -> None:
+    """Refuse an annotation named like a field diffinv writes in metrics.jsonl (a measurement such as ``psnr``,
+    or the line's identity: ``id``, ``kind``, ``image_path``, ...): it would replace the measured value."""
+    for key in annotations:
+        if is_line_field(key):
+            raise DiffinvError(f"{where}: {what}{key!r} is a field diffinv writes in metrics.jsonl (a measurement or "
+                               f"what the line is): an annotation cannot replace it; rename it (e.g. 'my_{key}')")
 
 
 def manifest_row(obj, folder: Path, where: str) -> InputRow:
@@ -166,6 +192,8 @@ def manifest_row(obj, folder: Path, where: str) -> InputRow:
         raise DiffinvError(f"{where}: \"target_prompts\" must be a list of strings, got {json.dumps(targets)[:80]}")
     if not isinstance(obj.get("meta", {}), dict):
         raise DiffinvError(f"{where}: \"meta\" must be an object, got {_json_type(obj['meta'])}")
+    _check_annotations(extra, where, "")
+    _check_annotations(obj.get("meta", {}), where, '"meta" key ')
     resolve = lambda p: p if p.is_absolute() else folder / p  # noqa: E731
     return InputRow(
         where=where,
@@ -176,6 +204,21 @@ def manifest_row(obj, folder: Path, where: str) -> InputRow:
         id=obj.get("id"),
         meta=obj.get("meta", {}) | extra,
     )
+
+
+def read_json(text: str, where: str):
+    """``text`` parsed as JSON; what Python's json cannot read (invalid JSON, an integer of thousands of digits,
+    lists or objects nested thousands deep) is one line naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DiffinvError(f"{where}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # Python's limit on the digits of an integer
+        digits = max((len(m) for m in re.findall(r"\d+", text)), default=0)
+        raise DiffinvError(f"{where}: a number of {digits} digits, more than can be read ({e.args[0].split(';')[0]}):"
+                           " write it as a string") from None
+    except RecursionError:
+        raise DiffinvError(f"{where}: lists or objects nested too deeply to read: flatten it") from None
 
 
 def read_manifest(path: str | Path) -> list[InputRow]:
@@ -195,10 +238,7 @@ def read_manifest(path: str | Path) -> list[InputRow]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DiffinvError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        obj = read_json(line, f"{path}:{n}")
         rows.append(manifest_row(obj, path.parent, f"{path}:{n}"))
     if not rows:
         raise DiffinvError(f"manifest {path} has no items")
@@ -247,10 +287,9 @@ def pie_bench_rows(root: str | Path) -> list[InputRow]:
     if not mapping.is_file():
         raise DiffinvError(f"no PIE-Bench mapping file at {mapping} (expected <root>/mapping_file.json and "
                            "<root>/annotation_images/)")
-    try:
-        entries = json.loads(mapping.read_text())
-    except json.JSONDecodeError as e:
-        raise DiffinvError(f"{mapping} is not valid JSON ({e.msg})") from None
+    entries = read_json(mapping.read_text(), str(mapping))
+    if not isinstance(entries, dict):
+        raise DiffinvError(f"{mapping}: expected an object of entries, got {_json_type(entries)}")
     rows = []
     for key, e in sorted(entries.items()):
         try:
@@ -275,14 +314,14 @@ def coco_rows(captions: str | Path, images: str | Path | None, count: int | None
     captions = Path(captions)
     if not captions.is_file():
         raise DiffinvError(f"COCO captions file {captions} does not exist")
+    data = read_json(captions.read_text(), str(captions))
     try:
-        data = json.loads(captions.read_text())
         files = {im["id"]: im["file_name"] for im in data["images"]}
         first: dict[int, tuple[int, str]] = {}
         for a in data["annotations"]:
             if a["image_id"] not in first or a["id"] < first[a["image_id"]][0]:
                 first[a["image_id"]] = (a["id"], a["caption"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise DiffinvError(f"{captions} is not a COCO captions file ({e})") from None
     if images is None:
         split = "val2014" if "2014" in captions.name else "val2017"
@@ -315,6 +354,7 @@ def build_items(rows: list[InputRow], resolution: int | None, square: bool, max_
         while uid in seen:
             n += 1
             uid = f"{base}-{n}"
+        check_item_id(uid, row.where)
         seen.add(uid)
         if row.record is not None:
             image = row.record.source_image.permute(1, 2, 0).numpy()
@@ -474,8 +514,9 @@ class InversionData(L.LightningDataModule):
             raise DiffinvError("--data.image needs --data.source_prompt (a caption of the image)")
         if batch_size < 1:
             raise DiffinvError(f"batch_size must be >= 1, got {batch_size}")
-        if resolution is not None and resolution < 1:
-            raise DiffinvError(f"resolution must be positive, got {resolution}")
+        if resolution is not None and resolution < MIN_RESOLUTION:
+            raise DiffinvError(f"--data.resolution must be at least {MIN_RESOLUTION} pixels (the shorter image side; "
+                               f"leave it out for the model's native size), got {resolution}")
         if not max_aspect >= 1:
             raise DiffinvError(f"max_aspect must be >= 1, got {max_aspect}")
         self.image, self.source_prompt, self.target_prompts = image, source_prompt, list(target_prompts or [])

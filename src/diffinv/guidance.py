@@ -5,12 +5,15 @@ Shapes: noise predictions are (B, C, H, W).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import check_at_least, check_finite, check_fraction
 
 
 def cfg(eps_uncond: Tensor, eps_cond: Tensor, guidance_scale: float) -> Tensor:
@@ -125,6 +128,14 @@ class ProximalGuidance:
     """eta, the step of both guidances (1 = replace the unedited region outright)."""
     until_timestep: int = 400
     """Both guidances act only while the UNet timestep t < this (T_rec)."""
+
+    def __post_init__(self) -> None:
+        """Refuse settings that silently make the guidance a no-op or nonsense, named as options."""
+        check_finite(dataclasses.asdict(self), prefix="proximal.")
+        check_fraction("proximal.quantile", self.quantile, "0 keeps everything, 1 drops everything")
+        check_at_least("proximal.mask_dilation", self.mask_dilation, 0, hint="0: no dilation")
+        check_fraction("proximal.step_size", self.step_size, "1 replaces the unedited region outright")
+        check_at_least("proximal.until_timestep", self.until_timestep, 0)
 
 
 def proximal_eps(

@@ -10,7 +10,7 @@ import os
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import InversionWriter, ItemProgressBar
-from .output import OutputLock, check_output_dir
+from .output import OutputLock, check_output_dir, resolve_output_dir
 
 SUBCOMMANDS = ("fit", "predict")
 HELD: list[OutputLock] = []  # the output folder locks this process holds (released by diffinv.cli.main)
@@ -50,6 +50,15 @@ class DiffinvCLI(LightningCLI):
         parser.link_arguments("output_dir", "writer.output_dir")
         parser.link_arguments("output_dir", "data.output_dir")
         parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``--output_dir`` once (``~`` expanded, made absolute; empty: refused in one line) and give that
+        same folder to everything that writes: the check and the lock, the writer, the data module (skips and
+        reconciles), the trainer (TensorBoard's logs)."""
+        config = self.config[self.subcommand]
+        folder = str(resolve_output_dir(config.output_dir))
+        for key in ("output_dir", "writer.output_dir", "data.output_dir", "trainer.default_root_dir"):
+            config[key] = folder
 
     def _instantiate_trainer(self, config, callbacks):
         """``--trainer.enable_progress_bar false`` drops diffinv's progress bar (Lightning refuses a progress bar

@@ -35,6 +35,8 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,44 @@ INDEX = "metrics.jsonl"
 LOCK = ".diffinv.lock"
 ITEM_FILES = re.compile(r"(source|reconstruction|edit-\d+)\.png|metrics\.json|\.?inversion\.safetensors(\.tmp)?")
 """Names of the files diffinv writes in an item folder (a leftover ``.<id>.partial`` holding only these is ours)."""
+RESERVED_NAMES = (INDEX, LOCK, "lightning_logs")
+"""Names at the top of an output folder that are not items: the index, the lock, TensorBoard's logs (``fit``);
+with every name starting with '.' (the ``.<id>.partial`` folders, ``.metrics.jsonl.tmp``), never an item's id."""
+NAME_MAX = 255
+"""Bytes in one file name (Linux, macOS, Windows)."""
+MAX_ID_BYTES = NAME_MAX - len(".") - len(".partial")
+"""The longest id whose every name fits: the longest one made from an id is its ``.<id>.partial`` folder."""
+LINE_FIELDS = frozenset({
+    "id", "method", "editor", "model", "kind", "source_prompt", "target_prompt", "num_inference_steps",
+    "guidance_scale", "image_size", "image_path",  # what the item was and where its image is
+    "inner_iterations", "final_step_loss",  # optimizing methods (diffinv.inversion.result.optimization_summary)
+    "pixel_noise", "caption_before_perturbation",  # --data.perturb (diffinv.data.Perturbation.apply)
+})
+MEASURED = re.compile(r"(psnr|ssim|mse|lpips|clip_score|seconds|shapes_edit|shapes_others)(_\w*)?")
+"""Names of measured fields: the metrics against the source (and their ``_unedited``/``_edited`` variants), the
+timings, the bench's shapes-world scores."""
+
+
+def is_line_field(key: str) -> bool:
+    """True for a field diffinv itself writes in a metrics.jsonl line (:data:`LINE_FIELDS`, :data:`MEASURED`):
+    a dataset annotation of that name would replace a measurement or the item's identity, so it is refused."""
+    return key in LINE_FIELDS or MEASURED.fullmatch(key) is not None
+
+
+def check_item_id(item_id: str, where: str) -> None:
+    """Refuse, in one line naming ``where``, an item id that cannot be an item's folder: a name the contract
+    uses at the top of the folder (:data:`RESERVED_NAMES`, any name starting with '.'), or one too long for a file
+    name once made into ``.<id>.partial`` (:data:`MAX_ID_BYTES`)."""
+    if item_id.startswith(".") or item_id.casefold() in {n.casefold() for n in RESERVED_NAMES}:
+        names = ", ".join(RESERVED_NAMES)
+        raise DiffinvError(f"{where}: id {item_id!r} is a name diffinv's output folder uses ({names}, and names "
+                           "starting with '.'): give the item another \"id\" (in a manifest) or rename its file")
+    size = len(item_id.encode())
+    if size > MAX_ID_BYTES:
+        shown = item_id if len(item_id) <= 40 else item_id[:20] + "..."
+        raise DiffinvError(f"{where}: id {shown!r} is {size} bytes long: at most {MAX_ID_BYTES} fit in a file name "
+                           "(the item is built in the folder .<id>.partial); give the item a shorter \"id\" (in a "
+                           "manifest) or rename its file")
 
 
 # --- identity of an item's work --------------------------------------------------------------------------------
@@ -97,7 +137,7 @@ def stored_identity(record: Path) -> dict:
         with safe_open(str(record), framework="pt") as f:
             metadata = f.metadata() or {}
         meta = json.loads(metadata.get("meta", "{}"))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # RecursionError: a RuntimeError
         raise DiffinvError(f"{record} is corrupt ({e}): delete the folder {record.parent} to redo that item") from None
     if "identity" in meta:
         return json.loads(meta["identity"])
@@ -143,10 +183,19 @@ def finished_items(output_dir: Path, wanted: dict[str, dict]) -> list[str]:
 
 
 # --- the folder and its lock ------------------------------------------------------------------------------------
+def resolve_output_dir(output_dir: str | Path) -> Path:
+    """The output folder as every part of a run uses it (check, lock, writer, data, TensorBoard's logs): ``~``
+    expanded, made absolute. Refuses an empty one in one line (it would mean the current folder)."""
+    if not str(output_dir).strip():
+        raise DiffinvError("--output_dir is empty: give a folder (e.g. --output_dir outputs; '.' for the current "
+                           "folder)")
+    return Path(output_dir).expanduser().resolve()
+
+
 def check_output_dir(output_dir: str | Path) -> None:
-    """Refuse, before any work and in one line, an output folder diffinv cannot write (a file, a read-only folder)
-    or whose metrics.jsonl is not diffinv's."""
-    path = Path(output_dir).expanduser()
+    """Refuse, before any work and in one line, an output folder diffinv cannot write (empty, a file, a read-only
+    folder) or whose metrics.jsonl is not diffinv's."""
+    path = resolve_output_dir(output_dir)
     if path.exists() and not path.is_dir():
         raise DiffinvError(f"--output_dir {path} is an existing file, not a folder: give a folder")
     probe = path
@@ -179,26 +228,44 @@ class OutputLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise DiffinvError(f"cannot write to --output_dir {self.path.parent}: {e.strerror}") from None
+            raise DiffinvError(f"cannot write to --output_dir {self.path.parent}: {os_reason(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DiffinvError(f"{self.path.parent} is being written by another diffinv run (pid {holder}): wait for "
-                               "it to end, or choose another --output_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DiffinvError(f"{self.path.parent} is being written by another diffinv run (pid {self._holder()}):"
+                                   " wait for it to end, or choose another --output_dir") from None
+            self._remove_if_unused()
+            raise DiffinvError(f"cannot lock --output_dir {self.path.parent}: {os_reason(e)}") from None
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            self.release()
+            raise DiffinvError(f"cannot write to --output_dir {self.path.parent}: {os_reason(e)}") from None
         return self
+
+    def _holder(self) -> str:
+        """The pid the lock file names (written by the run holding it), or 'unknown'."""
+        try:
+            return self.path.read_text(errors="replace").strip()[:32] or "unknown"
+        except OSError:
+            return "unknown"
 
     def release(self) -> None:
         """Unlock; a folder this lock created and nothing else was written to is removed (a run that stopped on an
         error before writing leaves nothing behind)."""
         if self.fd is None:
             return
+        self._remove_if_unused()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def _remove_if_unused(self) -> None:
+        """Remove the folders :meth:`acquire` created if they hold nothing but the lock file."""
         try:
             if self.created is not None and [p.name for p in self.path.parent.iterdir()] == [LOCK]:
                 self.path.unlink()
@@ -210,20 +277,45 @@ class OutputLock:
                     folder = folder.parent
         except OSError:
             pass  # not empty after all: kept
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-        self.fd = None
 
 
 # --- writing and reconciling ------------------------------------------------------------------------------------
+def os_reason(e: OSError) -> str:
+    """The operating system's reason for ``e``, as a clause ("no space left on device")."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    return reason[:1].lower() + reason[1:]
+
+
+@contextmanager
+def writing_results(output_dir: Path) -> Iterator[None]:
+    """Turn an OSError while writing into ``output_dir`` (a full disk, a folder turned read-only) into one line
+    naming the folder and the reason; what was finished before stays as it is."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = f" (at {Path(e.filename).name})" if e.filename else ""
+        raise DiffinvError(
+            f"cannot write results to {output_dir}: {os_reason(e)}{where}; the items finished so far are kept: "
+            + ("free some space" if full else "make the folder writable")
+            + " (or choose another --output_dir) and run the same command again to do the rest") from None
+
+
 def append_lines(output_dir: Path, lines: list[dict]) -> None:
-    """Append one item's lines to metrics.jsonl (flock: the processes of a distributed run share the file)."""
+    """Append one item's lines to metrics.jsonl (flock: the processes of a distributed run share the file); a
+    write that fails part-way is cut back, leaving no partial line."""
     with open(output_dir / INDEX, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write("".join(json.dumps(line) + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+            try:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                with suppress(OSError):
+                    os.ftruncate(f.fileno(), size)
+                raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -239,23 +331,24 @@ def save_png(image, path: Path) -> None:
 def write_item(output_dir: Path, item_id: str, images: dict, lines: list[dict], record) -> None:
     """Write one finished item: ``images`` (file name -> (3, H, W) tensor), its metric lines and its record (an
     Inversion, saved last), built in ``.<id>.partial`` and renamed into place, then its lines appended to
-    metrics.jsonl."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp = output_dir / item_id, output_dir / f".{item_id}.partial"
-    if tmp.exists():
-        _remove_partial(tmp)
-    tmp.mkdir()
-    try:
-        for name, image in images.items():
-            save_png(image, tmp / name)
-        (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
-        record.save(tmp / DONE_MARKER)
-        publish_item(tmp, final)
-    except BaseException:  # a stop (signal, full disk) part-way: leave no half-built item behind
+    metrics.jsonl. An OSError (full disk, read-only folder) ends in one line (:func:`writing_results`)."""
+    with writing_results(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        final, tmp = output_dir / item_id, output_dir / f".{item_id}.partial"
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    append_lines(output_dir, lines)
+            _remove_partial(tmp)
+        tmp.mkdir()
+        try:
+            for name, image in images.items():
+                save_png(image, tmp / name)
+            (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
+            record.save(tmp / DONE_MARKER)
+            publish_item(tmp, final)
+        except BaseException:  # a stop (signal, full disk) part-way: leave no half-built item behind
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        append_lines(output_dir, lines)  # fails: the item is whole, the next run's reconcile restores its lines
 
 
 def _holds_only_ours(folder: Path) -> bool:
@@ -301,7 +394,7 @@ def read_index(index: Path, text: str | None = None) -> tuple[list[dict], list[s
             continue
         try:
             line = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number or a nesting too big to read: not diffinv's
             line = None
         if not _is_ours(line):
             if n == len(raw_lines) and not text.endswith("\n") and raw.startswith('{"id": '):
@@ -319,6 +412,11 @@ def reconcile_metrics(output_dir: Path) -> tuple[int, int]:
     leftover ``.<id>.partial`` folders that hold only diffinv's files. Returns (lines restored, lines dropped).
     Refuses, in one line, a metrics.jsonl with lines that are not diffinv's. Call it under :class:`OutputLock`."""
     output_dir = Path(output_dir)
+    with writing_results(output_dir):
+        return _reconcile(output_dir)
+
+
+def _reconcile(output_dir: Path) -> tuple[int, int]:
     index = output_dir / INDEX
     for partial in output_dir.glob(".*.partial"):
         if _holds_only_ours(partial):
@@ -333,7 +431,7 @@ def reconcile_metrics(output_dir: Path) -> tuple[int, int]:
     for item in order:
         try:
             lines = json.loads((output_dir / item / "metrics.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             lines = None
         if not isinstance(lines, list) or not all(_is_ours(x) for x in lines):
             seen, lines = set(), []
@@ -348,6 +446,11 @@ def reconcile_metrics(output_dir: Path) -> tuple[int, int]:
     before = Counter(json.dumps(x, sort_keys=True) for x in old)
     after = Counter(json.dumps(x, sort_keys=True) for x in new)
     tmp = output_dir / f".{INDEX}.tmp"
-    tmp.write_text(new_text)
-    os.replace(tmp, index)
+    try:
+        tmp.write_text(new_text)
+        os.replace(tmp, index)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)  # the old metrics.jsonl stays whole
+        raise
     return sum((after - before).values()), sum((before - after).values())

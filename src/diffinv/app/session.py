@@ -31,6 +31,7 @@ from ..editing.prompt_to_prompt import PromptToPrompt
 from ..editing.sdedit import SDEdit
 from ..errors import DiffinvError
 from ..guidance import ProximalGuidance
+from ..inversion.record import check_record
 from ..inversion import (
     CycleDiffusion,
     DDIMInversion,
@@ -411,7 +412,7 @@ class Studio:
         progress(0.0, f"loading {model}")
         with self._lock(model):
             method = self.method(cls, model, record.num_steps, record.guidance_scale)
-            # CHECK_RECORD_PENDING
+            check_record(record, method.backbone)  # before any sampling: a record that does not fit is refused
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()

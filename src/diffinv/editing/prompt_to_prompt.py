@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import DiffinvError
+from ..errors import DiffinvError, check_at_least, check_finite, check_fraction
 from .alignment import equalizer, refine_mapping, replace_mapping, token_positions, word_token_spans
 from .editor import EditContext, Editor, Row, SampleRows
 
@@ -99,6 +99,12 @@ class PromptToPrompt(Editor):
                                    f"0 <= start <= end <= 1, got {cross_replace_steps}")
         if substruct_words and not local_blend_words:
             raise DiffinvError("substruct_words takes a region out of the local blend: set local_blend_words too")
+        check_finite(locals(), prefix="editor.")
+        check_fraction("editor.local_blend_threshold", local_blend_threshold,
+                       "of the normalised attention mask: over 1 nothing may change, the edit is a no-op; "
+                       "reference 0.3")
+        check_fraction("editor.local_blend_start", local_blend_start, "a fraction of the steps; reference 0.2")
+        check_at_least("editor.max_self_attention_tokens", max_self_attention_tokens, 0, hint="reference: 1024")
         self.mode = mode
         self.cross_replace_steps = cross_replace_steps
         self.self_replace_steps = tuple(self_replace_steps)

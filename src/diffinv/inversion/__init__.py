@@ -11,7 +11,7 @@ from .edict import EDICT
 from .latent_top import LatentTrajectoryOptimization
 from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
 from .null_text import NullTextInversion
-from .record import Inversion
+from .record import Inversion, check_record
 
 __all__ = [
     "CycleDiffusion",
@@ -27,4 +27,5 @@ __all__ = [
     "NullTextInversion",
     "OptimizingInversion",
     "ProximalNegativePromptInversion",
+    "check_record",
 ]

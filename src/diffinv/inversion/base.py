@@ -21,9 +21,9 @@ from ..data import Item, fit_to_model, image_tensor
 from ..ddim import Schedule, invert
 from ..editing.editor import EditContext, Editor, Row
 from ..editing.sampler import sample
-from ..errors import DiffinvError
+from ..errors import DiffinvError, check_at_least, check_finite
 from ..guidance import ClassifierFree, GuidanceRule, row_scale
-from .record import Inversion, coupled_code, start_level, stochastic_code
+from .record import Inversion, check_record, coupled_code, start_level, stochastic_code
 from .result import ItemResult, optimization_summary
 
 
@@ -43,6 +43,9 @@ class InversionMethod(L.LightningModule):
     """Base of all inversion methods (not used directly: pick a subclass in the config)."""
 
     method_name: ClassVar[str] = "base"
+    steps_given: bool = False
+    """True where the user set ``--model.num_inference_steps`` on the command line (set by ``diffinv.cli``): a
+    saved record (``--data.records``) with another step count is then refused rather than sampled with its own."""
 
     def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, editor: Editor | None = None):
@@ -57,6 +60,8 @@ class InversionMethod(L.LightningModule):
         self.editor = editor
         if num_inference_steps < 1:
             raise DiffinvError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        check_finite({"guidance_scale": guidance_scale})
+        check_at_least("guidance_scale", guidance_scale, 0, hint="the papers use 7.5; 0 samples unconditionally")
         self.backbone_config = backbone or BackboneConfig()
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
@@ -239,6 +244,25 @@ class InversionMethod(L.LightningModule):
             self.editor.check_model(bb.unet)
             for item in items:
                 self.editor.check(bb.tokenizer, item.source_prompt, item.target_prompts)
+        for item in items:
+            if item.inversion is not None:
+                self.check_saved(Inversion.load(item.inversion))
+
+    def check_saved(self, record: Inversion) -> None:
+        """A saved record this model can sample (:func:`~diffinv.inversion.record.check_record`), with the step
+        count the user asked for, if they did."""
+        check_record(record, self.backbone)
+        if self.steps_given and record.num_steps != self.num_inference_steps:
+            raise DiffinvError(f"inversion record {record.path} was inverted with {record.num_steps} steps, not "
+                               f"--model.num_inference_steps {self.num_inference_steps}: a record is sampled with "
+                               f"its own steps; drop the option or give {record.num_steps}")
+
+    def check_subcommand(self, subcommand: str, items: list[Item]) -> None:
+        """Before the trainer starts (nothing written yet but the output lock): the method runs under this
+        ``diffinv`` subcommand. The optimization-free methods run with ``predict`` only."""
+        if subcommand != "predict":
+            raise DiffinvError(f"{self.method_name} does not optimise: run it with `diffinv predict` "
+                               f"(`diffinv fit` is for null-text inversion and latent-TOP)")
 
     def on_predict_start(self) -> None:
         self.check_items(getattr(self.trainer.datamodule, "items", None) or [])
@@ -288,6 +312,7 @@ class InversionMethod(L.LightningModule):
 
     def load_inversion(self, item: Item) -> Inversion:
         inv = Inversion.load(item.inversion, device=self.device)
+        self.check_saved(inv)
         if inv.model != self.backbone_config.pretrained:
             warnings.warn(f"{item.inversion} was made with model {inv.model!r}, editing it with "
                           f"{self.backbone_config.pretrained!r}", stacklevel=2)

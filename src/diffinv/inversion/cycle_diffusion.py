@@ -26,7 +26,7 @@ from torch import Tensor
 from ..backbone import BackboneConfig
 from ..ddim import Schedule, posterior_chain, step_residuals
 from ..editing.prompt_to_prompt import Editor
-from ..errors import DiffinvError
+from ..errors import DiffinvError, check_at_least, check_finite
 from ..guidance import cfg_eps
 from ..seeds import keyed_normal
 from .base import InversionMethod
@@ -72,6 +72,8 @@ class CycleDiffusion(InversionMethod):
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         if not 0 <= eta <= 1:
             raise DiffinvError(f"eta must be in [0, 1], got {eta}")
+        check_finite({"source_guidance_scale": source_guidance_scale})
+        check_at_least("source_guidance_scale", source_guidance_scale, 0, hint="1 reconstructs exactly")
         self.eta, self.seed, self.source_guidance_scale = eta, seed, source_guidance_scale
 
     def unconditional(self, inversion: Inversion) -> Tensor:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbone import BackboneConfig
 from ..ddim import Schedule, ddim_step
 from ..editing.prompt_to_prompt import Editor
+from ..errors import check_at_least, check_finite
 from ..guidance import cfg_eps
 from ..optim import AdamState, masked_adam_step
 from .optimizing import OptimizingInversion
@@ -167,6 +168,13 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         self.gradient_checkpointing = gradient_checkpointing
         self.tracking = TrackingSchedule(num_inner_steps, lr, lr_decay, early_stop_epsilon, early_stop_delta, lr_floor,
                                          schedule_steps)
+        check_finite(locals())
+        check_at_least("num_starts", num_starts, 1, hint="1 = only the prior; the paper: 20")
+        check_at_least("hops", hops, 0)
+        check_at_least("noise_bias_rounds", noise_bias_rounds, 0)
+        check_at_least("noise_bias_lr", noise_bias_lr, 0, strict=True, hint="an Adam learning rate; default 0.01")
+        check_at_least("text_init_std", text_init_std, 0)
+        check_at_least("noise_init_std", noise_init_std, 0)
         self.num_starts, self.hops = num_starts, hops
         self.text_init_std, self.noise_init_std, self.seed = text_init_std, noise_init_std, seed
         self.noise_bias_rounds, self.noise_bias_lr = noise_bias_rounds, noise_bias_lr

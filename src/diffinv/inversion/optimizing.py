@@ -52,12 +52,21 @@ class OptimizingInversion(InversionMethod):
             self.log_results(self.last_results)
         return None
 
-    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
-        fresh = [i.id for i in batch if i.inversion is None]
+    def refuse_fresh_items(self, items: list[Item]) -> None:
+        """Under ``diffinv predict`` this method only edits saved inversions: images to invert are refused."""
+        fresh = [i.id for i in items if i.inversion is None]
         if fresh:
             raise DiffinvError(
                 f"{self.method_name} optimises per image: run it with `diffinv fit` (items {', '.join(fresh[:3])}); "
                 "`diffinv predict` only edits inversions it saved (--data.records DIR)")
+
+    def check_subcommand(self, subcommand: str, items: list[Item]) -> None:
+        """``fit`` optimises; ``predict`` only edits saved inversions (images to invert are refused)."""
+        if subcommand == "predict":
+            self.refuse_fresh_items(items)
+
+    def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
+        self.refuse_fresh_items(batch)
         return self.run_batch(batch)
 
     def log_results(self, results: list[ItemResult]) -> None:

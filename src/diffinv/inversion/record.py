@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import DiffinvError
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
 
 FORMAT = "diffinv.inversion/1"
 _TENSORS = ("z0", "trajectory", "timesteps", "source_image")
@@ -40,6 +45,8 @@ class Inversion:
     """Method-specific tensors (e.g. learned biases), saved as 'extra.<name>'."""
     meta: dict[str, str] = field(default_factory=dict)
     """Method-specific metadata (strings), saved as JSON."""
+    path: Path | None = field(default=None, compare=False, repr=False)
+    """The file :meth:`load` read it from (None: made in this process); its errors name it. Not saved."""
 
     @property
     def num_steps(self) -> int:
@@ -94,12 +101,15 @@ class Inversion:
         missing = [k for k in _TENSORS if k not in tensors]
         if missing:
             raise DiffinvError(f"inversion record {path} is incomplete: it lacks {', '.join(missing)}")
+        if tensors["timesteps"].dim() != 1 or tensors["trajectory"].dim() < 1:
+            raise DiffinvError(f"inversion record {path} is inconsistent: timesteps "
+                               f"{tuple(tensors['timesteps'].shape)}, trajectory {tuple(tensors['trajectory'].shape)}")
         n = len(tensors["timesteps"])
         if tensors["trajectory"].shape[0] != n + 1 or tensors["trajectory"].shape[1:] != tensors["z0"].shape:
             raise DiffinvError(f"inversion record {path} is inconsistent: trajectory {tuple(tensors['trajectory'].shape)} "
                                f"for {n} steps and z0 {tuple(tensors['z0'].shape)}")
         try:
-            return cls(
+            record = cls(
                 **{k: tensors[k] for k in _TENSORS},
                 source_prompt=metadata["source_prompt"],
                 method=metadata["method"],
@@ -109,9 +119,105 @@ class Inversion:
                 z_T=tensors.get("z_T"),
                 extra={k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")},
                 meta=json.loads(metadata.get("meta", "{}")),
+                path=path,
             )
         except (KeyError, ValueError) as e:
             raise DiffinvError(f"inversion record {path} has broken metadata ({e})") from None
+        problem = record_problem(record)
+        if problem is not None:
+            raise DiffinvError(f"inversion record {path} {problem}: it was altered or damaged; invert the image again")
+        return record
+
+
+_SAMPLED_EXTRAS = ("step_noise", "edict_y_T")
+"""The ``extra`` tensors sampling reads (the others are diagnostics, e.g. latent-TOP's NaN start losses)."""
+
+
+def _shape(t: Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def record_problem(record: Inversion) -> str | None:
+    """What makes a record unusable whatever the model (wrong types, inconsistent shapes, NaN or infinity in what
+    sampling reads, a start level or meta entry that is not a number), as the end of a sentence 'inversion
+    record X ...'; None: sound. :meth:`Inversion.load` refuses a record with one; :func:`check_record` adds the
+    checks against a model."""
+    n = record.num_steps
+    latent = tuple(record.z0.shape)
+    if not isinstance(record.meta, dict):
+        return f"has meta of type {type(record.meta).__name__}, expected a JSON object (a dict)"
+    if record.timesteps.dim() != 1 or n < 1:
+        return f"has timesteps of shape {_shape(record.timesteps)}, expected (N,) with N >= 1"
+    if record.z0.dim() != 3:
+        return f"has a latent z0 of shape {_shape(record.z0)}, expected (C, h, w)"
+    image = record.source_image
+    if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        return f"has a source image of shape {_shape(image)} and type {image.dtype}, expected (3, H, W) uint8"
+    shapes = {"z_T": (record.z_T, latent), "extra.edict_y_T": (record.extra.get("edict_y_T"), latent),
+              "extra.step_noise": (record.extra.get("step_noise"), (n, *latent))}
+    for name, (t, want) in shapes.items():
+        if t is not None and tuple(t.shape) != want:
+            return f"has {name} of shape {_shape(t)}, expected {'x'.join(map(str, want))}"
+    u = record.unconditional
+    if u is not None and (u.dim() != 3 or u.shape[0] != n):
+        return f"has an unconditional embedding of shape {_shape(u)}, expected {n}xLxD (one per step)"
+    sampled = {"z0": record.z0, "trajectory": record.trajectory, "unconditional": u, "z_T": record.z_T,
+               **{f"extra.{k}": record.extra.get(k) for k in _SAMPLED_EXTRAS}}
+    for name, t in sampled.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            return f"has NaN or infinite values in {name}"
+    if not math.isfinite(record.guidance_scale) or record.guidance_scale < 0:
+        return f"has guidance_scale {record.guidance_scale}, expected a finite number >= 0"
+    for key in ("eta", "mix", "reconstruction_guidance_scale"):
+        if key in record.meta:
+            try:
+                value = float(record.meta[key])
+            except (TypeError, ValueError):
+                return f"has meta {key} {record.meta[key]!r}, expected a number"
+            if not math.isfinite(value):
+                return f"has meta {key} {value}, expected a finite number"
+    if "start_level" in record.meta:
+        level = record.meta["start_level"]
+        if not (isinstance(level, (str, int)) and str(level).strip().lstrip("-").isdigit()):
+            return f"has meta start_level {level!r}, expected an integer step level"
+        if not 0 <= int(level) <= n:
+            return f"has meta start_level {level}, expected a level in 0..{n}"
+    return None
+
+
+def check_record(record: Inversion, backbone: "Backbone") -> None:
+    """Refuse, before any sampling, a record the model cannot sample (a DiffinvError naming the record's file
+    and the problem): latents with another channel count than the model's VAE, latents whose size does not fit
+    the stored source image (H / f x W / f, f the VAE's factor), an unconditional embedding of another shape than
+    the model's conditioning, timesteps of another schedule; and whatever :meth:`Inversion.load` refuses (for a
+    record made in memory). The CLI's edit path (``--data.records``) and the browser editor call it."""
+    name = f"inversion record {record.path}" if record.path is not None else "the inversion record"
+    problem = record_problem(record)
+    if problem is not None:
+        raise DiffinvError(f"{name} {problem}: it was altered or damaged; invert the image again")
+    c, h, w = record.z0.shape
+    channels = int(backbone.vae.config.latent_channels)
+    if c != channels:
+        raise DiffinvError(f"{name} holds {c}-channel latents; this model's ({backbone.name}) have {channels}: edit "
+                           "it with the model it was made with (--model.backbone.pretrained)")
+    f = backbone.vae_scale_factor
+    height, width = record.source_image.shape[-2:]
+    if (h * f, w * f) != (height, width):
+        raise DiffinvError(f"{name} holds {h}x{w} latents for a {height}x{width} source image; this model's VAE "
+                           f"(factor {f}) needs {height // f}x{width // f}: it was altered or made with another "
+                           "model; invert the image again")
+    if record.unconditional is not None:
+        want = tuple(backbone.encode_prompts([""]).shape[1:])
+        got = tuple(record.unconditional.shape[1:])
+        if got != want:
+            raise DiffinvError(f"{name} holds unconditional embeddings of shape {'x'.join(map(str, got))} per step; "
+                               f"this model's ({backbone.name}) conditioning is {'x'.join(map(str, want))}: edit it "
+                               "with the model it was made with (--model.backbone.pretrained)")
+    n = record.num_steps
+    if not 1 <= n <= backbone.max_steps or not torch.equal(backbone.schedule(n).timesteps.cpu(),
+                                                            record.timesteps.cpu()):
+        raise DiffinvError(f"{name}'s {n} timesteps do not match this model's {n}-step schedule: edit it with the "
+                           "model and scheduler it was made with (--model.backbone.pretrained)")
 
 
 # --- what a record tells sampling (any method samples any record with it) ---------------------------------
@@ -137,4 +243,4 @@ def coupled_code(inv: Inversion) -> tuple[Tensor, float] | None:
 def start_level(inv: Inversion) -> int:
     """The level sampling starts from: N, or fewer where the record says so (DDPM inversion's T - T_skip: the
     start latent is then the trajectory's latent of that level)."""
-    return int(inv.meta.get("start_level", inv.num_steps))
+    return int(inv.meta.get("start_level", inv.num_steps))  # checked by record_problem when loaded

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..ddim import Schedule, ddim_step
 from ..guidance import cfg
+from ..errors import check_at_least, check_finite, check_fraction
 from ..optim import AdamState, early_stop_threshold, masked_adam_step, still_active
 
 EmbEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -39,6 +40,20 @@ class TrackingSchedule:
     any N; below schedule_steps the lr is also multiplied by schedule_steps / N (fewer steps, each must move its
     embedding further: from the null prompt, 10 iterations at 1e-2 do not converge in 10 or 20 steps). Exactly
     the reference at N = schedule_steps. None: the reference's numbers as they are, at any N."""
+
+    def __post_init__(self) -> None:
+        """Refuse settings that silently break the optimisation (a negative lr undoes it: NTI reconstructed at
+        3.9 dB), named as the methods' options."""
+        check_finite({"lr": self.lr, "lr_decay": self.lr_decay, "lr_floor": self.lr_floor,
+                      "early_stop_epsilon": self.epsilon, "early_stop_delta": self.delta})
+        check_at_least("num_inner_steps", self.num_inner_steps, 0,
+                       hint="Adam iterations per step at most; reference: 10; 0: no optimisation")
+        check_at_least("lr", self.lr, 0, strict=True, hint="the Adam learning rate; reference: 0.01")
+        check_at_least("lr_decay", self.lr_decay, 0, hint="reference: 0.01; 0 keeps the lr constant")
+        check_fraction("lr_floor", self.lr_floor, "the lowest lr as a fraction of lr; reference: 0.5")
+        check_at_least("early_stop_epsilon", self.epsilon, 0, hint="reference: 1e-05; 0 and 0 disable early stopping")
+        check_at_least("early_stop_delta", self.delta, 0, hint="reference: 2e-05")
+        check_at_least("schedule_steps", self.schedule_steps, 1, hint="reference: 50; null: the formulas verbatim")
 
     def progress(self, i: int, num_steps: int) -> float:
         """The i-th step (i = 0 at t = T) of ``num_steps``, in the reference's step units."""
