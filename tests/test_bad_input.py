@@ -72,7 +72,7 @@ def world(tmp_path, tiny_model_dir):
             return e.code
         return 0
 
-    run.tmp, run.files = tmp_path, files
+    run.tmp, run.files, run.model = tmp_path, files, str(tiny_model_dir)
     return run
 
 
@@ -328,7 +328,7 @@ def test_a_resolution_far_over_the_models_warns(world):
 
 
 def test_out_of_memory_and_wrapped_config_errors_are_one_line():
-    from diffinv.cli import one_line
+    from diffinv.errors import one_line
     from diffinv.errors import DiffinvError
 
     oom = one_line(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
@@ -438,6 +438,23 @@ def test_a_record_with_other_steps_is_refused_only_when_the_option_asks_for_them
           "--trainer.accelerator", "cpu", "--output_dir", str(world.tmp / "edits"), "--data.records", str(folder)])
     line = json.loads((world.tmp / "edits" / "metrics.jsonl").read_text().splitlines()[0])
     assert line["num_inference_steps"] == 2
+
+
+def test_saved_records_under_fit_are_refused_naming_predict(saved_record, world, capsys):
+    """``fit`` with --data.records ended in a KeyError traceback (the record has no optimisation to report)."""
+    folder = world.tmp / "records"
+    tamper(saved_record, folder)
+    before = tree(world.tmp)
+    argv = ["fit", "-c", str(REPO / "configs/null_text.yaml"), "--model.backbone.pretrained", world.model,
+            "--model.num_inference_steps", "2", "--trainer.accelerator", "cpu", "--output_dir",
+            str(world.tmp / "out"), "--data.records", str(folder)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert ("diffinv: error: null_text: `diffinv fit` optimises images, and items x are saved inversions: edit them "
+            "with `diffinv predict` (--data.records DIR)") in err
+    assert tree(world.tmp) == before and not (world.tmp / "out").exists()
 
 
 # --- what a run prints on stderr -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The one exception type users see: the CLI prints its message on one line, never a traceback; and the checks
-of settings every method and editor share."""
+"""The one exception type users see (the entry points print its message on one line, never a traceback), the
+one line of any error a user can act on (:func:`one_line`, which every entry point imports from here), and the
+checks of settings every method and editor share."""
 
 from __future__ import annotations
 
@@ -53,3 +54,35 @@ def check_fraction(name: str, value: float, hint: str = "") -> None:
     """Refuse ``value`` outside [0, 1], naming the setting."""
     if not 0 <= value <= 1:
         raise DiffinvError(f"{name} must be in [0, 1], got {value}{f' ({hint})' if hint else ''}")
+
+
+def chain(e: BaseException):
+    """``e``, then its causes and contexts, each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def one_line(e: BaseException) -> str | None:
+    """The one-line message of an error a user can act on (their input, files, model, settings, memory), or None
+    for anything else (a bug: its traceback is worth seeing). Config-time checks raised inside jsonargparse's
+    instantiation are found in the exception's chain."""
+    import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    for x in chain(e):
+        if isinstance(x, DiffinvError):
+            return str(x)
+    for x in chain(e):
+        if isinstance(x, torch.OutOfMemoryError) or "out of memory" in str(x).lower().split("\n")[0]:
+            return ("out of memory: lower --data.batch_size (1 is the least), use --trainer.precision bf16-mixed on a "
+                    "GPU, lower --data.resolution, or (latent-TOP) --model.num_starts")
+        if isinstance(x, MisconfigurationException):
+            text = " ".join(str(x).split())
+            if "gpu" in text.lower() or "cuda" in text.lower() or "mps" in text.lower():
+                return (f"--trainer.accelerator: {text} (no such accelerator is visible to this process: use "
+                        "--trainer.accelerator cpu, or auto to take a GPU when there is one)")
+            return f"invalid trainer settings: {text}"
+    return None

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from argparse import ArgumentError
 
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import InversionWriter, ItemProgressBar
+from .errors import DiffinvError, chain
 from .output import OutputLock, check_output_dir, resolve_output_dir
+from .usage import SUBCOMMANDS, given_on_command_line, usage_error
 
-SUBCOMMANDS = ("fit", "predict")
 HELD: list[OutputLock] = []  # the output folder locks this process holds (released by diffinv.cli.main)
 OUTPUT: list[str] = []  # the output folder of the running subcommand, for the message of a stop by signal
+ITEMS: list[str] = []  # the ids of the running subcommand's items, for the same message
 
 
 def _launching_process() -> bool:
@@ -36,6 +40,13 @@ def run_settings(config) -> dict:
 
 
 class DiffinvCLI(LightningCLI):
+    """Lightning's CLI as diffinv runs it: ``fit`` and ``predict`` only, a parsing error in one line
+    (:func:`~diffinv.usage.usage_error`, not argparse's usage wall), the output folder resolved once, checked and
+    locked before any work, and the method asked whether it runs under this subcommand."""
+
+    argv: list[str] = []
+    """The command line as parsed."""
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Only what diffinv runs: ``fit`` (optimizing methods) and ``predict``; Lightning's ``validate`` and
@@ -50,6 +61,29 @@ class DiffinvCLI(LightningCLI):
         parser.link_arguments("output_dir", "writer.output_dir")
         parser.link_arguments("output_dir", "data.output_dir")
         parser.link_arguments("output_dir", "trainer.default_root_dir")  # TensorBoard logs: OUTPUT_DIR/lightning_logs
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("exit_on_error", False)  # raise ArgumentError: it becomes one line, not a usage wall
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        self.argv = list(args) if args is not None else sys.argv[1:]
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            for x in chain(e):  # a config-time check raised while parsing is already one line
+                if isinstance(x, DiffinvError):
+                    raise x from None
+            known = {sub: sorted({o for a in p._actions for o in a.option_strings if o.startswith("--")})
+                     for sub, p in getattr(self, "_subcommand_parsers", {}).items()}
+            raise DiffinvError(usage_error(str(e), self.argv, known)) from None
+
+    def after_instantiate_classes(self) -> None:
+        """The method learns whether ``--model.num_inference_steps`` was typed (a saved record is otherwise sampled
+        with its own step count)."""
+        super().after_instantiate_classes()
+        if hasattr(getattr(self, "model", None), "steps_given"):
+            self.model.steps_given = given_on_command_line(self.argv, "model.num_inference_steps")
 
     def before_instantiate_classes(self) -> None:
         """Resolve ``--output_dir`` once (``~`` expanded, made absolute; empty: refused in one line) and give that
@@ -78,6 +112,10 @@ class DiffinvCLI(LightningCLI):
         if _launching_process():
             HELD.append(OutputLock(config.output_dir).acquire())
         OUTPUT[:] = [config.output_dir]
+        ITEMS[:] = [item.id for item in getattr(self.datamodule, "items", None) or []]
+        check = getattr(self.model, "check_subcommand", None)
+        if check is not None:  # before the trainer writes anything (its logs): the method runs under this one?
+            check(self.subcommand, getattr(self.datamodule, "items", None) or [])
 
     before_fit = _before_run
     before_predict = _before_run

@@ -46,7 +46,7 @@ def prepare_environment(folder: Path) -> None:
 
 def message(e: BaseException) -> str:
     """The one line the page shows for an error, with no absolute server path in it."""
-    from ..cli import one_line
+    from ..errors import one_line
 
     text = one_line(e)
     if text is None:  # a bug, not the user's input: keep the traceback in the server's log

@@ -61,9 +61,16 @@ class OptimizingInversion(InversionMethod):
                 "`diffinv predict` only edits inversions it saved (--data.records DIR)")
 
     def check_subcommand(self, subcommand: str, items: list[Item]) -> None:
-        """``fit`` optimises; ``predict`` only edits saved inversions (images to invert are refused)."""
+        """``fit`` optimises images (saved inversions are refused: there is nothing to optimise); ``predict`` only
+        edits saved inversions (images to invert are refused)."""
         if subcommand == "predict":
             self.refuse_fresh_items(items)
+            return
+        saved = [i.id for i in items if i.inversion is not None]
+        if saved:
+            raise DiffinvError(
+                f"{self.method_name}: `diffinv fit` optimises images, and items {', '.join(saved[:3])} are saved "
+                "inversions: edit them with `diffinv predict` (--data.records DIR)")
 
     def predict_step(self, batch: list[Item], batch_idx: int = 0) -> list[ItemResult]:
         self.refuse_fresh_items(batch)
