@@ -22,7 +22,7 @@ from PIL import Image
 
 from diffinv.app.guard import (AUTH_ENV, EMBEDDED, MARKER, ModelMenu, Uploads, exposure_warning, plain, read_auth,
                                scrub)
-from diffinv.app.session import EditSettings, InvertSettings, Studio
+from diffinv.app.session import Studio
 from diffinv.backbone import EMBEDDED_MODEL
 from diffinv.cli import main
 from diffinv.errors import DiffinvError

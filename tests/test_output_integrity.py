@@ -188,7 +188,7 @@ def test_reserved_names_of_the_contract():
 def test_an_id_too_long_for_a_file_name_is_refused_before_any_work(cli, capsys):
     longest = "a" * (255 - len(".") - len(".partial"))
     refused(cli, capsys, ["--data.manifest", cli.manifest([RED | {"id": longest + "a"}])],
-            rf"m\.jsonl:1: id 'a{{20}}\.\.\.' is 247 bytes long: at most 246 fit")
+            r"m\.jsonl:1: id 'a{20}\.\.\.' is 247 bytes long: at most 246 fit")
     assert cli("--data.manifest", cli.manifest([RED | {"id": longest}])) == 0
     assert (cli.tmp / "out" / longest / "inversion.safetensors").is_file()
 
