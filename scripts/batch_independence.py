@@ -19,21 +19,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import diffinv  # noqa: E402
-from diffinv import BackboneConfig, NullTextInversion  # noqa: E402
+from diffinv import BackboneConfig  # noqa: E402
 from diffinv.data import Item, build_items, read_manifest  # noqa: E402
 from diffinv.editing import PromptToPrompt, SDEdit  # noqa: E402
+from diffinv.inversion import registry  # noqa: E402
 
-METHODS = {  # by name, so the script also measures an older diffinv that lacks some (PYTHONPATH=OLD/src)
-    "ddim": "DDIMInversion",
-    "npi": "NegativePromptInversion",
-    "proxnpi": "ProximalNegativePromptInversion",
-    "cycle_diffusion": "CycleDiffusion",
-    "null_text": "NullTextInversion",
-    "direct_inversion": "DirectInversion",
-    "edict": "EDICT",
-    "ddpm_inversion": "DDPMInversion",
-}
+METHODS = {m.name: m.cls for m in registry.METHODS}  # every registered method, by its method_name
 EDITORS = {
     "none": lambda: None,
     "p2p": lambda: PromptToPrompt(mode="refine"),
@@ -46,7 +37,7 @@ def with_targets(item: Item, targets: list[str]) -> Item:
 
 
 def run(method, items: list[Item]):
-    if isinstance(method, NullTextInversion):
+    if registry.by_class(type(method)).optimizes:
         return method.run_batch(items)
     with torch.inference_mode():
         return method.run_batch(items)
@@ -56,7 +47,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--methods", nargs="+", default=["ddim", "npi", "proxnpi", "cycle_diffusion"])
+    p.add_argument("--methods", nargs="+", default=["ddim", "npi", "proxnpi", "cycle_diffusion"], choices=list(METHODS))
     p.add_argument("--editors", nargs="+", default=list(EDITORS))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -67,7 +58,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|")
     for name in args.methods:
         for editor in args.editors:
-            m = getattr(diffinv, METHODS[name])(BackboneConfig(), args.steps, editor=EDITORS[editor]())
+            m = METHODS[name](BackboneConfig(), args.steps, editor=EDITORS[editor]())
             beside_worst = after_worst = 0.0
             for k, it in enumerate(items[: args.scenes]):
                 target = it.target_prompts[0]

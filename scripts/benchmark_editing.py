@@ -29,37 +29,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from diffinv import (  # noqa: E402
-    BackboneConfig,
-    EDICT,
-    CycleDiffusion,
-    DDIMInversion,
-    DDPMInversion,
-    DirectInversion,
-    LatentTrajectoryOptimization,
-    NegativePromptInversion,
-    NullTextInversion,
-    ProximalGuidance,
-    ProximalNegativePromptInversion,
-)
+from diffinv import BackboneConfig, ProximalGuidance  # noqa: E402
 from diffinv.data import Item  # noqa: E402
 from diffinv.editing import PromptToPrompt, SDEdit  # noqa: E402
+from diffinv.inversion import registry  # noqa: E402
 from diffinv.shapes.classifier import classify  # noqa: E402
 from diffinv.shapes.world import COLOURS, SHAPES, coverage, render, sample_scenes  # noqa: E402
 
-INVERSIONS = {
-    "DDIM": DDIMInversion,
-    "NPI": NegativePromptInversion,
-    "ProxNPI": ProximalNegativePromptInversion,
-    "ProxNPI (authors' code)": lambda *a, **k: ProximalNegativePromptInversion(  # configs/reference/proxnpi.yaml
-        *a, proximal=ProximalGuidance(prox="authors_l0", scope="item", mask_from="shrunk"), **k),
-    "NTI": NullTextInversion,
-    "NTI (source init)": lambda *a, **k: NullTextInversion(*a, init="source", **k),
-    "latent-TOP": LatentTrajectoryOptimization,
-    "CycleDiffusion": CycleDiffusion,
-    "DirectInversion": DirectInversion,
-    "EDICT": EDICT,  # its paper's CFG 3 unless --guidance-scale is given
-    "DDPM inversion": DDPMInversion,  # its paper's CFG 3.5 / 15 and T_skip 36% unless --guidance-scale is given
+VARIANTS = {  # label -> (registered method, settings) beside every registered method with its own defaults
+    "ProxNPI (authors' code)": ("proxnpi",  # configs/reference/proxnpi.yaml
+                                {"proximal": ProximalGuidance(prox="authors_l0", scope="item", mask_from="shrunk")}),
+    "NTI (source init)": ("null_text", {"init": "source"}),
+}
+INVERSIONS = {  # every registered method by its label (EDICT: its paper's CFG 3, DDPM inversion: 3.5 / 15 and
+    # T_skip 36% unless --guidance-scale is given), each followed by its variants
+    label: make
+    for m in registry.METHODS
+    for label, make in [(m.label, m.cls), *((v, lambda *a, cls=m.cls, kw=kw, **k: cls(*a, **kw, **k))
+                                             for v, (name, kw) in VARIANTS.items() if name == m.name)]
 }
 EDITORS = {
     "none": lambda: None,
@@ -131,7 +118,7 @@ def main(argv=None) -> list[dict]:
         for ed_name in args.editors:
             w = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
             method = INVERSIONS[inv_name](bb, args.steps, editor=EDITORS[ed_name](), **w)
-            optimizing = hasattr(method, "tracking")
+            optimizing = registry.by_class(type(method)).optimizes
             method.backbone.encode_prompts(sorted({i.source_prompt for i in items} | {i.target_prompts[0] for i in items} | {""}))
             start = time.perf_counter()
             with torch.enable_grad() if optimizing else torch.inference_mode():

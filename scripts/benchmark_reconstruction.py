@@ -34,6 +34,7 @@ from diffinv.bench import mean_ci  # noqa: E402
 from diffinv.data import Item, image_tensor  # noqa: E402
 from diffinv.ddim import ddim_step, invert  # noqa: E402
 from diffinv.guidance import cfg  # noqa: E402
+from diffinv.inversion import registry  # noqa: E402
 from diffinv.metrics import psnr  # noqa: E402
 from diffinv.shapes.world import render, sample_scenes  # noqa: E402
 
@@ -54,7 +55,7 @@ def held_out_items(n: int, seed: int) -> list[Item]:
 
 def run_method(method, items: list[Item]) -> tuple[list[float], float, float]:
     """PSNRs, seconds per image, inner iterations per image (optimizing methods)."""
-    optimizing = hasattr(method, "tracking")
+    optimizing = registry.by_class(type(method)).optimizes
     method.backbone.encode_prompts([i.source_prompt for i in items] + [""])  # text encoding outside the timing
     start = time.perf_counter()
     with torch.enable_grad() if optimizing else torch.inference_mode():

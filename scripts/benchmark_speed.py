@@ -38,21 +38,22 @@ sys.path.insert(0, str(REPO / "src"))
 from diffinv import BackboneConfig  # noqa: E402
 from diffinv.backbone import Backbone  # noqa: E402
 from diffinv.data import Item  # noqa: E402
+from diffinv.inversion import registry  # noqa: E402
 
-METHODS = {  # label -> (class name, editor factory or None, extra init args)
-    "NPI": ("NegativePromptInversion", None, {}),
-    "ProxNPI": ("ProximalNegativePromptInversion", None, {}),
-    "NPI+P2P replace": ("NegativePromptInversion", "replace", {}),
-    "NPI+P2P refine+blend": ("NegativePromptInversion", "refine_blend", {}),
-    "NPI+SDEdit": ("NegativePromptInversion", "sdedit", {}),
-    "DDIM+CFG": ("DDIMInversion", None, {}),
-    "DirectInversion+P2P": ("DirectInversion", "replace", {}),
-    "EDICT": ("EDICT", None, {}),
-    "DDPM inversion": ("DDPMInversion", None, {}),
-    "CycleDiffusion": ("CycleDiffusion", None, {}),
-    "NTI": ("NullTextInversion", None, {"num_inner_steps": "inner"}),
-    "NTI (checkpointing)": ("NullTextInversion", None, {"num_inner_steps": "inner", "gradient_checkpointing": True}),
-    "latent-TOP (20 starts)": ("LatentTrajectoryOptimization", None, {"num_inner_steps": "inner", "num_starts": 20}),
+METHODS = {  # label -> (registered method_name, editor factory or None, extra init args)
+    "NPI": ("npi", None, {}),
+    "ProxNPI": ("proxnpi", None, {}),
+    "NPI+P2P replace": ("npi", "replace", {}),
+    "NPI+P2P refine+blend": ("npi", "refine_blend", {}),
+    "NPI+SDEdit": ("npi", "sdedit", {}),
+    "DDIM+CFG": ("ddim", None, {}),
+    "DirectInversion+P2P": ("direct_inversion", "replace", {}),
+    "EDICT": ("edict", None, {}),
+    "DDPM inversion": ("ddpm_inversion", None, {}),
+    "CycleDiffusion": ("cycle_diffusion", None, {}),
+    "NTI": ("null_text", None, {"num_inner_steps": "inner"}),
+    "NTI (checkpointing)": ("null_text", None, {"num_inner_steps": "inner", "gradient_checkpointing": True}),
+    "latent-TOP (20 starts)": ("latent_top", None, {"num_inner_steps": "inner", "num_starts": 20}),
 }
 SOURCE, TARGET = "a photo of a cat", "a photo of a dog"
 
@@ -171,7 +172,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def measure(args, label: str, batch: int) -> dict:
-    import diffinv
     from diffinv.editing import PromptToPrompt, SDEdit
 
     device = torch.device(args.device)
@@ -181,17 +181,17 @@ def measure(args, label: str, batch: int) -> dict:
     if dtype != torch.float32:  # the VAE stays in float32 (diffinv decodes in float32 anyway)
         backbone.unet.to(dtype)
         backbone.text_encoder.to(dtype)
-    cls_name, editor_kind, extra = METHODS[label]
+    cls_name, editor_kind, extra = METHODS[label]  # cls_name: the method_name
     editor = {None: None, "replace": lambda: PromptToPrompt(mode="replace"),
               "refine_blend": lambda: PromptToPrompt(mode="refine", local_blend_words=["cat", "dog"]),
               "sdedit": lambda: SDEdit(strength=0.6)}[editor_kind]
     kw = {k: (args.inner if v == "inner" else v) for k, v in extra.items()}
-    method = getattr(diffinv, cls_name)(BackboneConfig(), args.steps, editor=editor() if editor else None, **kw)
+    method = registry.by_name(cls_name).cls(BackboneConfig(), args.steps, editor=editor() if editor else None, **kw)
     method._backbone = backbone  # the random components instead of a download
     rng = np.random.default_rng(0)
     items = [Item(f"img{i}", rng.integers(0, 256, (args.resolution, args.resolution, 3), dtype=np.uint8), SOURCE,
                   [TARGET], resolution=args.resolution) for i in range(batch)]
-    optimizing = hasattr(method, "tracking")
+    optimizing = registry.by_class(type(method)).optimizes
     run = (lambda: method.run_batch(items)) if optimizing else (lambda: _inference(method, items))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,24 +23,21 @@ def record(path: Path, scenes: int = 4, steps: int = 10) -> int:
     from diffinv import BackboneConfig, ProximalGuidance
     from diffinv.data import build_items, read_manifest
     from diffinv.editing import PromptToPrompt, SDEdit
+    from diffinv.inversion import registry
 
     torch.set_num_threads(1)
     manifest = Path(diffinv.__file__).parent / "examples" / "bench" / "captions.jsonl"
     items = build_items(read_manifest(manifest), None, False)[:scenes]
     bb = BackboneConfig()
     authors = ProximalGuidance(prox="authors_l1", scope="item", mask_from="shrunk")
-    methods = {
-        "ddim": lambda e: diffinv.DDIMInversion(bb, steps, editor=e),
-        "npi": lambda e: diffinv.NegativePromptInversion(bb, steps, editor=e),
-        "proxnpi": lambda e: diffinv.ProximalNegativePromptInversion(bb, steps, editor=e),
-        "proxnpi_authors": lambda e: diffinv.ProximalNegativePromptInversion(bb, steps, editor=e, proximal=authors),
-        "cycle": lambda e: diffinv.CycleDiffusion(bb, steps, editor=e),
-        "nti": lambda e: diffinv.NullTextInversion(bb, steps, num_inner_steps=3, editor=e),
-        "direct": lambda e: diffinv.DirectInversion(bb, steps, editor=e),
-        "edict": lambda e: diffinv.EDICT(bb, steps, editor=e),
-        "ddpm": lambda e: diffinv.DDPMInversion(bb, steps, editor=e),
-        "latent_top": lambda e: diffinv.LatentTrajectoryOptimization(bb, steps, num_inner_steps=2, num_starts=2,
-                                                                     editor=e),
+    # the keys older records use for the methods not keyed by their method_name
+    keys = {"cycle_diffusion": "cycle", "null_text": "nti", "direct_inversion": "direct", "ddpm_inversion": "ddpm"}
+    settings = {"null_text": {"num_inner_steps": 3}, "latent_top": {"num_inner_steps": 2, "num_starts": 2},
+                "proxnpi_authors": {"proximal": authors}}
+    methods = {  # every registered method, and ProxNPI with its authors' code
+        keys.get(name, name): (m.cls, settings.get(name, {}), m.optimizes)
+        for m in registry.METHODS
+        for name in ([m.name, "proxnpi_authors"] if m.name == "proxnpi" else [m.name])
     }
     editors = {
         "none": lambda: None,
@@ -49,10 +46,9 @@ def record(path: Path, scenes: int = 4, steps: int = 10) -> int:
         "sdedit": lambda: SDEdit(strength=0.6),
     }
     out = {}
-    for m, make in methods.items():
+    for m, (cls, kw, grad) in methods.items():  # grad: the optimizing methods need gradients
         for e, editor in editors.items():
-            method = make(editor())
-            grad = m in ("nti", "latent_top")  # the optimizing methods need gradients
+            method = cls(bb, steps, editor=editor(), **kw)
             with torch.enable_grad() if grad else torch.inference_mode():
                 results = method.run_batch(items)
             for r in results:

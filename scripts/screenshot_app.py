@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffinv.app.drive import browser_missing, chromium, free_port, server
 from diffinv.data import EXAMPLES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Selenium driver lives with the tests
+from drive import browser_missing, chromium, free_port, server  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

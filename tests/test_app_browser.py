@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffinv.app.drive import browser_missing, chromium, fetch, free_port, server
 from diffinv.app.session import EditSettings, InvertSettings, Studio
 from diffinv.data import EXAMPLES
 from diffinv.inversion.record import Inversion
+from drive import browser_missing, chromium, fetch, free_port, server
 
 STEPS = 10
 

@@ -282,7 +282,7 @@ def test_the_server_serves_only_what_it_wrote_and_keeps_uploads_small_and_short_
     """A real ``diffinv serve`` over a folder holding the user's dotfiles: they are not served; an upload over
     --max_file_size is refused; an upload is deleted --upload_ttl seconds after it came; uploads an earlier server
     left are removed at start; results in the sessions folder stay."""
-    from diffinv.app.drive import free_port, server
+    from drive import free_port, server
 
     folder = tmp_path / "home"
     (folder / ".ssh").mkdir(parents=True)
@@ -319,7 +319,7 @@ def test_the_server_serves_only_what_it_wrote_and_keeps_uploads_small_and_short_
 
 
 def test_with_auth_nothing_answers_before_a_login(tmp_path):
-    from diffinv.app.drive import free_port, server
+    from drive import free_port, server
 
     (tmp_path / "users").write_text("ann:correct horse\n")
     folder = tmp_path / "served"

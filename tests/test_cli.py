@@ -32,7 +32,16 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def test_every_config_is_covered():
-    assert {"ddim.yaml", "npi.yaml", "proxnpi.yaml", "null_text.yaml", "latent_top.yaml"} <= set(METHOD_CONFIGS)
+    from diffinv.inversion import registry
+
+    named = {(REPO / "configs" / c).read_text().split("class_path: diffinv.inversion.")[1].split()[0]
+             for c in METHOD_CONFIGS}
+    assert {m.cls.__name__ for m in registry.METHODS} <= named
+    assert {"edit_p2p_replace.yaml", "edit_sdedit.yaml"} <= set(METHOD_CONFIGS)  # edit_with: their editors
+
+
+EDIT_WITH = {"diffinv.editing.PromptToPrompt": "prompt_to_prompt", "diffinv.editing.SDEdit": "sdedit"}
+"""What metrics.jsonl's ``edit_with`` says of each editor a config may name (none: 'prompt')."""
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS)
@@ -47,8 +56,11 @@ def test_config_runs_through_the_cli(config, tiny_model_dir, tmp_path):
     lines = read_lines(out / "metrics.jsonl")
     examples = [json.loads(x) for x in (REPO / "src/diffinv/examples/captions.jsonl").read_text().splitlines()]
     assert len(lines) == sum(1 + len(e["target_prompts"]) for e in examples)
+    text = (REPO / "configs" / config).read_text()
+    edit_with = next((v for k, v in EDIT_WITH.items() if f"class_path: {k}" in text), "prompt")
     for line in lines:
         assert {"id", "method", "source_prompt", "target_prompt", "psnr", "ssim", "seconds", "image_path"} <= set(line)
+        assert line["edit_with"] == (None if line["target_prompt"] is None else edit_with)
         assert (out / line["image_path"]).is_file()
         assert line["num_inference_steps"] == 3
     recon = [x for x in lines if x["target_prompt"] is None]
@@ -127,6 +139,7 @@ def test_fit_logs_to_tensorboard_and_predict_re_edits_its_records(tiny_model_dir
     lines = read_lines(again / "metrics.jsonl")
     assert [x["target_prompt"] for x in lines] == [x["target_prompt"] for x in first]
     assert all(x["method"] == "null_text" and x["editor"] == "npi" for x in lines)
+    assert [x["edit_with"] for x in lines] == [None if x["target_prompt"] is None else "prompt" for x in lines]
     import numpy as np
 
     for x in first:

@@ -14,21 +14,31 @@ _EXPORTS = {
     "BackboneConfig": ".backbone",
     "DiffinvError": ".errors",
     "ProximalGuidance": ".guidance",
-    **{name: ".inversion" for name in (
-        "CycleDiffusion", "DDIMInversion", "DDPMInversion", "DirectInversion", "EDICT", "Inversion",
-        "InversionMethod", "LatentTrajectoryOptimization", "NegativePromptInversion", "NullTextInversion",
-        "ProximalNegativePromptInversion")},
+    "Inversion": ".inversion",
+    "InversionMethod": ".inversion",
 }
-__all__ = sorted(_EXPORTS)
+"""Names imported on first use; the inversion methods' classes come on top, from their registry
+(:mod:`diffinv.inversion.registry`), imported when one is first asked for."""
+
+
+def _method_classes() -> list[str]:
+    from .inversion.registry import METHODS
+
+    return [m.cls.__name__ for m in METHODS]
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name == "__all__":  # the registry's classes need torch: listed only when asked for
+        value = sorted({*_EXPORTS, *_method_classes()})
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and name in _method_classes():
+        value = getattr(importlib.import_module(".inversion", __name__), name)
+    else:
         raise AttributeError(f"module 'diffinv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_method_classes()))

@@ -122,12 +122,13 @@ def resolve_args(args: list[str], bases: list[Path]) -> list[str]:
 
 
 def subcommand_for(config: Path) -> str:
-    """`fit` for a config whose method optimises per image, `predict` for the others."""
+    """`fit` for a config whose method optimises per image, `predict` for the others, as the method's line of
+    :mod:`diffinv.inversion.registry` says."""
     import importlib
 
     import yaml
 
-    from .inversion.optimizing import OptimizingInversion
+    from .inversion import registry
 
     try:
         path = yaml.safe_load(config.read_text())["model"]["class_path"]
@@ -135,7 +136,10 @@ def subcommand_for(config: Path) -> str:
         cls = getattr(importlib.import_module(module), name)
     except Exception as e:  # noqa: BLE001
         raise DiffinvError(f"{config}: cannot read its model class ({e})") from None
-    return "fit" if issubclass(cls, OptimizingInversion) else "predict"
+    try:
+        return registry.by_class(cls).run
+    except DiffinvError as e:
+        raise DiffinvError(f"{config}: {e}") from None
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, int, int]:

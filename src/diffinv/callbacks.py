@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from . import output
+from .editing.editor import Editor
 from .inversion.result import ItemResult
 from .metrics import clip_score, lpips, masked, mse, psnr, ssim
 
@@ -59,7 +60,10 @@ def image_metrics(img, r: ItemResult, prompt: str, settings: MetricSettings,
 
 
 def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
-                 settings: MetricSettings | None = None) -> list[dict]:
+                 settings: MetricSettings | None = None, edit_with: str = "prompt") -> list[dict]:
+    """One line per image of the item: ``method`` the method that sampled (the ``editor`` field: it differs from
+    the record's ``method`` when saved records are edited), ``edit_with`` the editor of the edits (an editor's
+    ``edit_name``: 'prompt', 'prompt_to_prompt', 'sdedit'; null on the reconstruction's line)."""
     settings = settings or MetricSettings()
     n = 1 + len(r.edits)
     seconds = r.seconds_inversion + r.seconds_sampling
@@ -73,6 +77,7 @@ def metric_lines(r: ItemResult, method: str, model: str, guidance: float,
             "id": r.id,
             "method": r.inversion.method,
             "editor": method,
+            "edit_with": None if target is None else edit_with,
             "model": model,
             "kind": "reconstruction" if target is None else "edit",
             "source_prompt": r.inversion.source_prompt,
@@ -99,10 +104,11 @@ def annotations(meta: dict, measured: dict) -> dict:
 
 
 def write_item(r: ItemResult, output_dir: Path, method: str, model: str, guidance: float,
-               settings: MetricSettings | None = None, identity: dict | None = None) -> list[dict]:
+               settings: MetricSettings | None = None, identity: dict | None = None,
+               edit_with: str = "prompt") -> list[dict]:
     """Write one item (:func:`diffinv.output.write_item`); ``identity``: what a rerun compares before skipping it
-    (:func:`diffinv.output.identity`), stored in its record."""
-    lines = metric_lines(r, method, model, guidance, settings)
+    (:func:`diffinv.output.identity`), stored in its record; ``edit_with``: see :func:`metric_lines`."""
+    lines = metric_lines(r, method, model, guidance, settings, edit_with)
     if identity is not None:
         r.inversion.meta["identity"] = json.dumps(identity)
     images = {"source.png": r.source, "reconstruction.png": r.reconstruction}
@@ -134,7 +140,8 @@ class InversionWriter(BasePredictionWriter):
         for r in prediction:
             ident = data.identity(items[r.id]) if hasattr(data, "identity") and r.id in items else None
             write_item(r, self.output_dir, pl_module.method_name, pl_module.backbone_config.pretrained,
-                       pl_module.guidance_scale, self.settings, ident)
+                       pl_module.guidance_scale, self.settings, ident,
+                       edit_with=(pl_module.editor or Editor).edit_name)
             self.written += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -37,6 +37,8 @@ _QUIET = (
     r".*train_dataloader.*",
     r".*val_dataloader.*",
 )
+# Written out, not built from diffinv.inversion.registry: that imports torch, which `diffinv --help` must not.
+# tests/test_registry.py checks that it names every registered method under its subcommand.
 USAGE = """usage: diffinv {fit,predict,bench,serve} ...
 
 Real-image inversion and text-guided editing with latent diffusion models.

@@ -56,8 +56,8 @@ NAME_MAX = 255
 MAX_ID_BYTES = NAME_MAX - len(".") - len(".partial")
 """The longest id whose every name fits: the longest one made from an id is its ``.<id>.partial`` folder."""
 LINE_FIELDS = frozenset({
-    "id", "method", "editor", "model", "kind", "source_prompt", "target_prompt", "num_inference_steps",
-    "guidance_scale", "image_size", "image_path",  # what the item was and where its image is
+    "id", "method", "editor", "edit_with", "model", "kind", "source_prompt", "target_prompt",
+    "num_inference_steps", "guidance_scale", "image_size", "image_path",  # what the item was and where its image is
     "inner_iterations", "final_step_loss",  # optimizing methods (diffinv.inversion.result.optimization_summary)
     "pixel_noise", "caption_before_perturbation",  # --data.perturb (diffinv.data.Perturbation.apply)
 })

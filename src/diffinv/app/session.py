@@ -9,7 +9,6 @@ an edit made here equals the CLI's edit of the same image, prompts and settings.
 
 from __future__ import annotations
 
-import inspect
 import re
 import threading
 import time
@@ -31,36 +30,18 @@ from ..editing.prompt_to_prompt import PromptToPrompt
 from ..editing.sdedit import SDEdit
 from ..errors import DiffinvError
 from ..guidance import ProximalGuidance
-from ..inversion.record import check_record
-from ..inversion import (
-    CycleDiffusion,
-    DDIMInversion,
-    DDPMInversion,
-    DirectInversion,
-    EDICT,
-    Inversion,
-    InversionMethod,
-    LatentTrajectoryOptimization,
-    NegativePromptInversion,
-    NullTextInversion,
-    ProximalNegativePromptInversion,
-)
+from ..inversion import Inversion, InversionMethod, check_record, registry
 from ..metrics import psnr
 from ..output import save_png
 from .guard import SESSIONS, ModelMenu
 
-METHODS: dict[str, type[InversionMethod]] = {
-    "DDIM": DDIMInversion,
-    "NPI": NegativePromptInversion,
-    "ProxNPI": ProximalNegativePromptInversion,
-    "NTI": NullTextInversion,
-    "latent-TOP": LatentTrajectoryOptimization,
-}
-"""The methods the page inverts with (the optimizing ones show a progress bar while they optimise)."""
+METHODS: dict[str, type[InversionMethod]] = {m.label: m.cls for m in registry.methods(in_app=True)}
+"""The methods the page inverts with, by label (the optimizing ones show a progress bar while they optimise);
+from :mod:`diffinv.inversion.registry`."""
 
-RECORD_METHODS: dict[str, type[InversionMethod]] = {
-    cls.method_name: cls for cls in (*METHODS.values(), CycleDiffusion, DDPMInversion, DirectInversion, EDICT)}
-"""Every method whose saved records the page can load and edit (by the record's ``method`` field)."""
+RECORD_METHODS: dict[str, type[InversionMethod]] = {m.name: m.cls for m in registry.methods()}
+"""Every method whose saved records the page can load and edit (by the record's ``method`` field): every
+registered one."""
 
 EditorName = Literal["none", "P2P replace", "P2P refine", "P2P reweight", "SDEdit"]
 EDITORS: tuple[str, ...] = EditorName.__args__
@@ -307,7 +288,7 @@ class Studio:
         """An inversion method on the shared, already loaded model."""
         kw = dict(backbone=BackboneConfig(pretrained=self.models.pretrained(model)), num_inference_steps=steps,
                   guidance_scale=guidance_scale, editor=editor)
-        if "proximal" in inspect.signature(cls).parameters:
+        if registry.by_class(cls).proximal:
             kw["proximal"] = ProximalGuidance(quantile=quantile)
         method = cls(**kw)
         method._backbone = self.backbone(model)
@@ -382,8 +363,8 @@ class Studio:
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
                 method.check_items(items)
-                phases = (["inverting", "optimising", "sampling"] if settings.method in ("NTI", "latent-TOP")
-                          else ["inverting", "sampling"])
+                optimizes = registry.by_label(settings.method).optimizes
+                phases = ["inverting", "optimising", "sampling"] if optimizes else ["inverting", "sampling"]
                 t0 = time.perf_counter()
                 with unet_progress(method.backbone.unet, method.backbone.schedule(steps).timesteps, phases, progress):
                     result = method.run_items(items)[0]
@@ -407,7 +388,8 @@ class Studio:
         except DiffinvError as e:
             raise DiffinvError(f"the record's model: {e}") from None
         self._check_side(record.source_image.shape[-1], record.source_image.shape[-2], "record's source image")
-        name = next((k for k, v in METHODS.items() if v is cls), record.method)
+        entry = registry.by_class(cls)
+        name = entry.label if entry.in_app else record.method
         settings = InvertSettings(model, name, record.num_steps, record.guidance_scale)
         progress(0.0, f"loading {model}")
         with self._lock(model):

@@ -10,7 +10,7 @@ pipeline knows no editor; an editor knows no inversion method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from torch import Tensor
 
@@ -69,6 +69,9 @@ class EditContext:
 class Editor:
     """Base of the editing recipes a method's ``editor`` field takes; itself the plain prompt swap: every row
     sampled from its inverted latent with its own condition."""
+
+    edit_name: ClassVar[str] = "prompt"
+    """What metrics.jsonl's ``edit_with`` field says of an edit made by this editor."""
 
     def check(self, tokenizer, source: str, targets: list[str]) -> None:
         """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""

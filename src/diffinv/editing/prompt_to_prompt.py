@@ -42,6 +42,8 @@ from .editor import EditContext, Editor, Row, SampleRows
 class PromptToPrompt(Editor):
     """Prompt-to-Prompt attention control: word swap (replace), refinement, reweighting, local blend."""
 
+    edit_name = "prompt_to_prompt"
+
     def __init__(
         self,
         mode: Literal["replace", "refine"] = "replace",

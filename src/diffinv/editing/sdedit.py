@@ -18,6 +18,8 @@ class SDEdit(Editor):
     (SDEdit) or from the DDIM-inverted latent of that level (NPI paper appendix C.3); the reconstruction row
     is the inversion method's own."""
 
+    edit_name = "sdedit"
+
     def __init__(self, strength: float = 0.5, start_from: Literal["noise", "inversion"] = "noise", seed: int = 0):
         """
         Args:

@@ -1,31 +1,17 @@
-"""Inversion methods, one per file, and the Inversion record."""
+"""Inversion methods, one per file, and the Inversion record.
 
-from .base import InversionMethod
-from .optimizing import OptimizingInversion
-from .result import ItemResult
-from .cycle_diffusion import CycleDiffusion
-from .ddim import DDIMInversion
-from .ddpm_inversion import DDPMInversion
-from .direct_inversion import DirectInversion
-from .edict import EDICT
-from .latent_top import LatentTrajectoryOptimization
-from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
-from .null_text import NullTextInversion
-from .record import Inversion, check_record
+The method classes exported here are those of :mod:`diffinv.inversion.registry` (its one line per method), so a
+config's ``model.class_path: diffinv.inversion.<Class>`` reaches every registered method and no other list needs
+editing when one is added.
+"""
 
-__all__ = [
-    "CycleDiffusion",
-    "DDIMInversion",
-    "DDPMInversion",
-    "DirectInversion",
-    "EDICT",
-    "Inversion",
-    "InversionMethod",
-    "ItemResult",
-    "LatentTrajectoryOptimization",
-    "NegativePromptInversion",
-    "NullTextInversion",
-    "OptimizingInversion",
-    "ProximalNegativePromptInversion",
-    "check_record",
-]
+from .base import InversionMethod  # noqa: F401 - exported (__all__)
+from .optimizing import OptimizingInversion  # noqa: F401 - exported (__all__)
+from .record import Inversion, check_record  # noqa: F401 - exported (__all__)
+from .registry import METHODS as _METHODS
+from .result import ItemResult  # noqa: F401 - exported (__all__)
+
+globals().update({m.cls.__name__: m.cls for m in _METHODS})
+
+__all__ = sorted(["Inversion", "InversionMethod", "ItemResult", "OptimizingInversion", "check_record",
+                  *(m.cls.__name__ for m in _METHODS)])

@@ -1,4 +1,5 @@
-"""Drive ``diffinv serve`` in a real headless Chromium (Selenium): the end-to-end test and the README's screenshot.
+"""Drive ``diffinv serve`` in a real headless Chromium (Selenium): the end-to-end test and the README's screenshot
+(scripts/screenshot_app.py). Not part of the installed package: it lives with the tests.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium chromium-driver``) and Selenium
 (``pip install 'diffinv[test]'``). The browser is only ever pointed at the local server.
