@@ -40,12 +40,15 @@ VARIANTS = {  # label -> (registered method, settings) beside every registered m
     "ProxNPI (authors' code)": ("proxnpi",  # configs/reference/proxnpi.yaml
                                 {"proximal": ProximalGuidance(prox="authors_l0", scope="item", mask_from="shrunk")}),
     "NTI (source init)": ("null_text", {"init": "source"}),
+    "EDICT (authors' code)": ("edict", {"leapfrog": True, "strength": 0.8}),  # configs/reference/edict.yaml
+    "CycleDiffusion (authors' demo)": ("cycle_diffusion",  # configs/reference/cycle_diffusion.yaml at these steps
+                                       {"eta": 0.1, "strength": 0.7, "guidance_scale": 5.0}),
 }
 INVERSIONS = {  # every registered method by its label (EDICT: its paper's CFG 3, DDPM inversion: 3.5 / 15 and
     # T_skip 36% unless --guidance-scale is given), each followed by its variants
     label: make
     for m in registry.METHODS
-    for label, make in [(m.label, m.cls), *((v, lambda *a, cls=m.cls, kw=kw, **k: cls(*a, **kw, **k))
+    for label, make in [(m.label, m.cls), *((v, lambda *a, cls=m.cls, kw=kw, **k: cls(*a, **(kw | k)))
                                              for v, (name, kw) in VARIANTS.items() if name == m.name)]
 }
 EDITORS = {

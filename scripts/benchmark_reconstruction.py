@@ -80,7 +80,7 @@ def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[l
         null = bb.encode_prompts([""])
         with torch.no_grad():
             z0 = bb.encode_image(image)
-            traj = invert(lambda z, t: bb.eps(z, t, cond), z0, schedule)
+            traj = invert(lambda z, t, alpha: bb.eps(z, t, cond, alpha), z0, schedule)
         uncond = null.clone()
         embs = []
         z = traj[-1]

@@ -73,3 +73,48 @@ def test_schedule_stays_float64_under_half_precision_casts(tiny_model_dir):
         assert next(bb.unet.parameters()).dtype == dtype and bb.alphas_cumprod.dtype == torch.float64
         alphas = bb.schedule(50).alphas
         assert torch.equal(alphas, reference) and bool((alphas.diff() < 0).all())
+
+
+def test_predict_gives_eps_and_x0_for_each_prediction_type(tiny_backbone):
+    """v-prediction: eps = sqrt(a) v + sqrt(1 - a) z and x0 = sqrt(a) z - sqrt(1 - a) v at the timestep's a (whatever
+    alpha); sample prediction: x0 is the output itself."""
+    bb = tiny_backbone
+    z, t, emb = torch.randn(1, 4, 8, 8), torch.tensor(501), bb.encode_prompts(["a cat"])
+    raw = bb.unet(z, t, encoder_hidden_states=emb).sample
+    a = bb.alphas_cumprod[t].float()
+    try:
+        bb.scheduler.register_to_config(prediction_type="v_prediction")
+        eps, x0 = bb.predict(z, t, emb, alpha=torch.tensor(0.3, dtype=torch.float64))
+        torch.testing.assert_close(eps, a.sqrt() * raw + (1 - a).sqrt() * z)
+        torch.testing.assert_close(x0, a.sqrt() * z - (1 - a).sqrt() * raw)
+        torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * eps, z)
+        bb.scheduler.register_to_config(prediction_type="sample")
+        eps, x0 = bb.predict(z, t, emb)
+        assert torch.equal(x0, raw) and torch.equal(bb.eps(z, t, emb), eps)
+        torch.testing.assert_close(eps, (z - a.sqrt() * raw) / (1 - a).sqrt())
+    finally:
+        bb.scheduler.register_to_config(prediction_type="epsilon")
+
+
+def test_v_prediction_x0_is_exact_at_zero_terminal_snr(tiny_backbone):
+    """rescale_betas_zero_snr + trailing spacing: the top level has alpha 0, where v-prediction's x0 is -v (the
+    ε-form (z - eps) / sqrt(a) would be 0/0)."""
+    from diffusers import DDIMScheduler
+
+    tb = tiny_backbone
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                              prediction_type="v_prediction")
+    bb = Backbone(tb.vae, tb.text_encoder, tb.tokenizer, tb.unet, scheduler)
+    s = bb.schedule(5)
+    assert s.timesteps[-1] == 999 and s.alphas[-1] == 0
+    z, emb = torch.randn(1, 4, 8, 8), bb.encode_prompts(["a cat"])
+    v = bb.unet(z, s.timesteps[-1], encoder_hidden_states=emb).sample
+    eps, x0 = bb.predict(z, s.timesteps[-1], emb, s.alphas[-1])
+    assert torch.equal(eps, z) and torch.equal(x0, -v)
+
+
+def test_schedule_takes_the_latent_size_where_it_matters(tiny_backbone, tiny_flux):
+    """SD's schedule is the same at every size; FLUX.1-dev's shifts with the latents' token count."""
+    assert torch.equal(tiny_backbone.schedule(10, latent_size=(4, 6)).timesteps, tiny_backbone.schedule(10).timesteps)
+    assert tiny_flux.schedule(10, latent_size=(8, 12)).timesteps[0] < tiny_flux.schedule(10).timesteps[0]

@@ -366,6 +366,11 @@ def _set(d: dict, **kw) -> None:
     d.update(kw)
 
 
+def _sampling(metadata: dict, **kw) -> None:
+    """Change entries of a saved record's typed sampling."""
+    metadata["sampling"] = json.dumps(json.loads(metadata["sampling"]) | kw)
+
+
 def _latents(d: dict, fn) -> None:
     for k in ("z0", "trajectory"):
         d[k] = fn(d[k])
@@ -373,10 +378,14 @@ def _latents(d: dict, fn) -> None:
 
 TAMPERED = {
     "meta a list": (None, lambda m: _set(m, meta="[1, 2]"), "has meta of type list, expected a JSON object"),
-    "start level not an integer": (None, lambda m: _set(m, meta=json.dumps({"start_level": "half"})),
-                                   "has meta start_level 'half', expected an integer step level"),
-    "start level out of range": (None, lambda m: _set(m, meta=json.dumps({"start_level": "7"})),
-                                 r"has meta start_level 7, expected a level in 0\.\.2"),
+    "start level not an integer": (None, lambda m: _sampling(m, start_level="half"),
+                                   "has sampling start_level 'half', expected a level in 1..2"),
+    "start level out of range": (None, lambda m: _sampling(m, start_level=7),
+                                 r"has sampling start_level 7, expected a level in 1\.\.2"),
+    "unknown step rule": (None, lambda m: _sampling(m, step="leap"), "has sampling step 'leap', expected one of"),
+    "sampling entry unknown": (None, lambda m: _sampling(m, colour="red"), "sampling has unknown entries colour"),
+    "coupled without its sequence": (None, lambda m: _sampling(m, step="coupled"),
+                                     "is sampled with the coupled step but lacks extra.edict_y_T"),
     "wrong channel count": (lambda d: _latents(d, lambda t: t[..., :3, :, :]), None,
                             r"holds 3-channel latents; this model's \(.*\) have 4"),
     "latents not fitting the image": (lambda d: _latents(d, lambda t: t[..., :, :-1]), None,
@@ -430,8 +439,9 @@ def test_a_record_with_other_steps_is_refused_only_when_the_option_asks_for_them
     before = tree(world.tmp)
     assert world("--data.records", str(folder), "--model.num_inference_steps", "3") == 2  # after the fixture's 2
     err = capsys.readouterr().err
-    assert (f"diffinv: error: inversion record {folder}/x/inversion.safetensors was inverted with 2 steps, not "
-            "--model.num_inference_steps 3: a record is sampled with its own steps; drop the option or give 2") in err
+    assert (f"diffinv: error: inversion record {folder}/x/inversion.safetensors was made with num_inference_steps "
+            "2, not --model.num_inference_steps 3: a record is re-edited with its own num_inference_steps; drop the "
+            "option or give 2") in err
     assert tree(world.tmp) == before
     # without the option (the config's 50), the record's own 2 steps
     main(["predict", "-c", str(REPO / "configs/npi.yaml"), "--model.backbone.pretrained", str(tiny_model_dir),

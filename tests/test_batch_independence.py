@@ -1,6 +1,8 @@
 """No result depends on its batch neighbours: for every method x editor, the edit of (image, target) is the same
 alone, beside two more target prompts of its item (listed second), and after other items in the batch."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,20 +57,25 @@ EDITORS = {
 # by up to ~2/255 (measured 0.0072 on this test's 16x16 images; before per-row thresholds: up to 103/255).
 # EDICT's coupled chain and DDPM inversion's CFG 15 carry the same float noise further on this random-weight model
 # (EDICT: up to 0.028 here, where DDIM + CFG moves 6e-5 in latents; on the tiny SDXL with Prompt-to-Prompt up
-# to 0.069 in 3 of 768 values, mean below 1e-4); on the embedded shapes model both stay within 0.02/255
-# (scripts/batch_independence.py).
-TOLERANCE = {"proxnpi_l0": 3 / 255, "edict": 0.08, "ddpm_inversion": 1e-3}
-RECONSTRUCTION_TOLERANCE = {"edict": 0.08, "ddpm_inversion": 1e-3}
+# to 0.069 in 3 of 768 values on one CPU, 0.084 in 1 of 768 on an AMD EPYC, whose matmul kernels round
+# differently; mean below 1e-4); on the embedded shapes model both stay within 0.02/255
+# (scripts/batch_independence.py). The mean check below keeps a real dependence from hiding in the tolerance.
+# latent-TOP's Adam normalises its steps, which turns last-bit differences of batched matmuls into up to 1e-3
+# (FLUX's tiny model: 0.0010 in pixels; test_optimizing.py sees the same on the embeddings).
+TOLERANCE = {"proxnpi_l0": 3 / 255, "edict": 0.12, "ddpm_inversion": 1e-3, "latent_top": 2e-3}
+RECONSTRUCTION_TOLERANCE = {"edict": 0.12, "ddpm_inversion": 1e-3, "latent_top": 2e-3}
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
-def bb(request, tiny_model_dir, tiny_sdxl_dir, tiny_sd3_dir):
-    """Every test here on each family's tiny model (SD 1.x/2.x, SDXL, SD 3)."""
-    folder = {"sd": tiny_model_dir, "sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir}[request.param]
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
+def bb(request, tiny_model_dir, tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir):
+    """Every test here on each family's tiny model (SD 1.x/2.x, SDXL, SD 3, FLUX.1-dev)."""
+    folder = {"sd": tiny_model_dir, "sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[request.param]
     return BackboneConfig(pretrained=str(folder))
 
 
 def run(method, items):
+    if method.backbone.native_resolution > 64:  # FLUX: FluxPipeline's 1024-px default is 256 px on the tiny model
+        items = [dataclasses.replace(i, resolution=16) for i in items]
     if isinstance(method, (NullTextInversion, LatentTrajectoryOptimization)):
         return method.run_batch(items)  # optimises: needs autograd
     with torch.inference_mode():
@@ -78,8 +85,8 @@ def run(method, items):
 @pytest.mark.parametrize("editor", list(EDITORS))
 @pytest.mark.parametrize("name", list(METHODS))
 def test_an_edit_does_not_depend_on_its_batch_neighbours(bb, name, editor, request):
-    if editor.startswith("p2p") and request.node.callspec.params["bb"] == "sd3":
-        pytest.skip("Prompt-to-Prompt is refused on SD 3's joint attention")
+    if editor.startswith("p2p") and request.node.callspec.params["bb"] in ("sd3", "flux"):
+        pytest.skip("Prompt-to-Prompt is refused on joint attention (SD 3, FLUX)")
     m = METHODS[name](bb, EDITORS[editor]())
     alone = run(m, [item(0, targets=[TARGET])])[0]
     beside = run(m, [item(0, targets=[OTHERS[0], TARGET, OTHERS[1]])])[0]

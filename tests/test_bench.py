@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffinv.bench import mean_ci
+from diffinv.bench import Run, aggregate, mean_ci
 from diffinv.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,21 @@ def test_mean_ci_counts_non_finite_values_and_never_averages_them():
     m, ci, n, bad = mean_ci([1.0, 3.0, math.inf, float("nan")])
     assert (m, n, bad) == (2.0, 2, 2) and abs(ci - 1.96 * math.sqrt(2) / math.sqrt(2)) < 1e-9
     assert math.isnan(mean_ci([])[0])
+
+
+def test_null_metrics_are_counted_not_finite_and_never_averaged(tmp_path):
+    """metrics.jsonl writes a PSNR inf (identical images) as null; the table counts it as not finite, and a
+    column with no finite value says so."""
+    from diffinv.output import append_lines
+
+    run_dir = tmp_path / "m" / "steps-default"
+    run_dir.mkdir(parents=True)
+    lines = [{"id": f"i{k}", "kind": "reconstruction", "image_path": f"i{k}/reconstruction.png", "psnr": psnr,
+              "ssim": math.nan, "num_inference_steps": 5} for k, psnr in enumerate(["inf", 20.0, 30.0])]
+    append_lines(run_dir, lines)
+    rows = {r["metric"]: r for r in aggregate(tmp_path, [Run("m", "x.yaml")], [None], "reconstruction")}
+    assert (rows["psnr"]["mean"], rows["psnr"]["n"], rows["psnr"]["not_finite"]) == (25.0, 2, 1)
+    assert (rows["ssim"]["n"], rows["ssim"]["not_finite"]) == (0, 3)
 
 
 def test_a_failing_run_stops_the_bench_with_one_line(tmp_path, capsys, monkeypatch):

@@ -180,3 +180,27 @@ def test_progress_bar_reports_images_per_second(tiny_model_dir, tmp_path):
     assert proc.returncode == 0
     shown = proc.stdout + proc.stderr
     assert "images=3" in shown and "images/s=" in shown and "<00:00" in shown  # done, rate, ETA
+
+
+def test_the_command_s_modules_import_one_another_in_no_circle():
+    """cli routes to run, bench and app.ui; bench runs through run; nothing imports cli back (imports inside
+    functions included)."""
+    import ast
+
+    src = REPO / "src" / "diffinv"
+    files = {"cli": "cli.py", "run": "run.py", "bench": "bench.py", "app.ui": "app/ui.py",
+             "lightning_cli": "lightning_cli.py"}
+    imports = {}
+    for name, path in files.items():
+        package = "diffinv" + ("." + name.rpartition(".")[0] if "." in name else "")
+        found = set()
+        for node in ast.walk(ast.parse((src / path).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                found |= {module, *(f"{module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        imports[name] = {other for other in files if other != name and f"diffinv.{other}" in found}
+    assert imports == {"cli": {"run", "bench", "app.ui"}, "run": {"lightning_cli"}, "bench": {"run"}, "app.ui": set(),
+                       "lightning_cli": set()}

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from diffinv import BackboneConfig, DDIMInversion, DDPMInversion, DirectInversion, EDICT
-from diffinv.backbone import Backbone
 from diffinv.ddim import independent_chain, step_residuals
 from diffinv.editing import PromptToPrompt
 from diffinv.editing.sampler import sample
+from diffinv.steps import CoupledStep, StochasticStep
 from diffinv.guidance import cfg
 from diffinv.inversion.edict import edict_invert
 from diffinv.inversion.record import Inversion
@@ -20,12 +20,6 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def bb(tiny_model_dir):
     return BackboneConfig(pretrained=str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def bb64(tiny_model_dir):
-    """The tiny model in float64: exactness checked where float32 round-off cannot hide a mistake."""
-    return Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir))).to(torch.float64)
 
 
 def guided_fn(bb, cond, null, w):
@@ -50,7 +44,11 @@ def test_direct_inversion_source_row_lands_on_z0_exactly_at_any_w(bb, w):
     assert (edits[0] - rec).abs().max() > 1e-3
     ddim = DDIMInversion(bb, STEPS, guidance_scale=w, editor=PromptToPrompt(self_replace_steps=0.6))
     with torch.inference_mode():
-        (d_rec, d_edits), = ddim.edit([r.inversion], [["a photo of a dog"]], ["img0"])
+        own = ddim.predict_step([item(0)])[0].inversion  # the same trajectory, sampled without the snap
+        (d_rec, d_edits), = ddim.edit([own], [["a photo of a dog"]], ["img0"])
+        (pinned, _), = ddim.edit([r.inversion], [["a photo of a dog"]], ["img0"])
+    assert torch.equal(own.trajectory, r.inversion.trajectory)
+    assert torch.equal(pinned, rec)  # DirectInversion's record pins its snap: any method reconstructs it so
     if w > 1:
         assert (d_rec - rec).abs().max() > 1e-3  # plain DDIM + CFG drifts; DirectInversion does not
         assert (d_edits[0] - edits[0]).abs().max() > 1e-4  # the edits read their attention from the exact source
@@ -76,7 +74,7 @@ def test_edict_inversion_then_sampling_returns_z0_in_float64(bb64):
         xs, y_T = edict_invert(guided_fn(bb64, cond, null, w), z0, schedule, p)
         assert xs.shape == (STEPS + 1, *z0.shape) and torch.equal(xs[0], z0)
         assert (xs[-1] - z0).abs().max() > 0.1 and (y_T - xs[-1]).abs().max() > 1e-6  # the pair is really coupled
-        z = sample(bb64, schedule, xs[-1], cond, null, w, coupled=(y_T, p))
+        z = sample(bb64, schedule, xs[-1], cond, null, w, step=CoupledStep(mix=p, y_start=y_T))
         torch.testing.assert_close(z, z0, atol=1e-10, rtol=0)
 
 
@@ -128,7 +126,7 @@ def test_ddpm_noise_maps_return_z0_in_float64_from_any_start_level(bb64):
     for top in (STEPS, 4):
         maps = step_residuals(guided_fn(bb64, cond, null, 3.5), chain, schedule, 1.0, top=top)
         assert maps.shape == (STEPS, *z0.shape) and bool((maps[top:] == 0).all())
-        z = sample(bb64, schedule, chain[top], cond, null, 3.5, eta=1.0, step_noise=maps,
+        z = sample(bb64, schedule, chain[top], cond, null, 3.5, step=StochasticStep(eta=1.0, noise=maps),
                    start_level=None if top == STEPS else top)
         torch.testing.assert_close(z, z0, atol=1e-10, rtol=0)
 
@@ -138,7 +136,7 @@ def test_ddpm_inversion_method_skips_steps_reconstructs_and_edits(bb):
     with torch.inference_mode():
         r = m.predict_step([item(0)])[0]
     inv = r.inversion
-    assert inv.meta["start_level"] == "7" and inv.extra["step_noise"].shape == (10, *inv.z0.shape)
+    assert inv.start_level == 7 and inv.extra["step_noise"].shape == (10, *inv.z0.shape)
     assert bool((inv.extra["step_noise"][7:] == 0).all())  # above T - T_skip: never used, never computed
     with torch.inference_mode():
         (rec, edits), = m.edit([inv], [["a photo of a dog"]])
@@ -166,7 +164,9 @@ def test_edict_refuses_a_mixing_weight_that_decouples(bb):
         EDICT(bb, 10, mix=1.0)
 
 
-@pytest.mark.parametrize("config", ["direct_inversion.yaml", "edict.yaml", "ddpm_inversion.yaml"])
+@pytest.mark.parametrize("config", ["direct_inversion.yaml", "edict.yaml", "ddpm_inversion.yaml",
+                                    "reference/edict.yaml", "reference/cycle_diffusion.yaml",
+                                    "reference/ddpm_inversion.yaml"])
 def test_saved_records_are_re_edited_through_the_cli(config, tiny_model_dir, tmp_path):
     """Invert once, then edit the saved records again with --data.records: the reconstruction comes back the
     same, the new target prompt is applied."""

@@ -53,8 +53,9 @@ def test_inversion_and_sampling_use_the_same_timestep_per_step():
     table = {int(t): torch.randn(1, 4, 4, 4, dtype=torch.float64) for t in s.timesteps}
     seen = []
 
-    def eps_fn(z, t):
+    def eps_fn(z, t, alpha):
         seen.append(int(t))
+        assert float(alpha) == float(s.alphas[len(seen) - 1])  # z*_{k-1} sits at level k - 1
         return table[int(t)]
 
     z0 = torch.randn(1, 4, 4, 4, dtype=torch.float64)
@@ -66,3 +67,35 @@ def test_inversion_and_sampling_use_the_same_timestep_per_step():
         z = ddim_step(z, table[int(s.timesteps[k - 1])], s.alphas[k], s.alphas[k - 1])
         torch.testing.assert_close(z, traj[k - 1], rtol=0, atol=1e-10)
     assert s.alphas[0] == sched.alphas_cumprod[0]  # set_alpha_to_one=False: level 0 is alphas_cumprod[0]
+
+
+def test_inversion_is_diffusers_inverse_scheduler_for_epsilon_and_differs_for_v(tiny_model_dir, tmp_path):
+    """For an ε-prediction model our inversion is diffusers' DDIMInverseScheduler, step for step; for
+    v-prediction the two convert v to ε at different levels (ours at the timestep the UNet is told)."""
+    import json
+    import shutil
+
+    from diffusers import DDIMInverseScheduler
+
+    from diffinv.backbone import Backbone, BackboneConfig
+    from diffinv.ddim import invert
+
+    v_dir = tmp_path / "v"
+    shutil.copytree(tiny_model_dir, v_dir)
+    config = v_dir / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "v_prediction"}))
+    gaps = {}
+    for name, folder in (("epsilon", tiny_model_dir), ("v_prediction", v_dir)):
+        bb = Backbone.load(BackboneConfig(pretrained=str(folder)))
+        schedule, cond = bb.schedule(10), bb.encode_prompts(["a photo of a cat"])
+        theirs = DDIMInverseScheduler.from_config(bb.scheduler.config)
+        theirs.set_timesteps(10)
+        assert theirs.timesteps.tolist() == schedule.timesteps.tolist()
+        z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = invert(lambda z, t, alpha: bb.eps(z, t, cond, alpha), z0, schedule)[-1]
+            z = z0.clone()
+            for t in theirs.timesteps:
+                z = theirs.step(bb.unet(z, t, encoder_hidden_states=cond).sample, t, z).prev_sample
+        gaps[name] = float((ours - z).abs().max())
+    assert gaps["epsilon"] < 1e-5 and gaps["v_prediction"] > 1e-3, gaps

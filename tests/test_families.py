@@ -3,6 +3,7 @@ diffusers' own SDXL pipeline, every method config through the CLI on SDXL, exact
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from diffinv.editing.sampler import sample
 from diffinv.errors import DiffinvError
 from diffinv.families import StableDiffusion, StableDiffusion3, StableDiffusionXL
 from diffinv.inversion.record import Inversion
+
+from tiny_model import flow_sample
 
 from test_cli import METHOD_CONFIGS, REPO
 from test_cli import cli as run_cli
@@ -95,19 +98,22 @@ def test_null_text_inversion_on_sdxl_optimises_the_pooled_embedding(tiny_sdxl_di
     assert not u[:, L, 12:].any()  # the padding of the pooled row is never read, never changed
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "sd35", "flux"])
 @pytest.mark.parametrize("config", METHOD_CONFIGS)
-def test_every_method_config_runs_on_each_family(config, family, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
+def test_every_method_config_runs_on_each_family(config, family, tiny_sdxl_dir, tiny_sd3_dir, tiny_sd35_dir,
+                                                 tiny_flux_dir, tmp_path):
     from diffinv.bench import subcommand_for
 
     path = REPO / "configs" / config
-    if family == "sd3" and "PromptToPrompt" in path.read_text():
-        pytest.skip("Prompt-to-Prompt is refused on SD 3 (test_prompt_to_prompt_is_refused_on_sd3_before_any_work)")
-    model = tiny_sdxl_dir if family == "sdxl" else tiny_sd3_dir
+    if family != "sdxl" and "PromptToPrompt" in path.read_text():
+        pytest.skip("Prompt-to-Prompt is refused on joint attention (test_prompt_to_prompt_is_refused_on_joint_..)")
+    model = {"sdxl": tiny_sdxl_dir, "sd3": tiny_sd3_dir, "sd35": tiny_sd35_dir, "flux": tiny_flux_dir}[family]
     out = tmp_path / "out"
     extra = ["--model.num_inner_steps", "2"] if subcommand_for(path) == "fit" else []
     if "num_starts" in path.read_text():
         extra += ["--model.num_starts", "2"]
+    if family == "flux":  # FLUX's native size is FluxPipeline's default 1024 px: the tiny model's images are 16
+        extra += ["--data.resolution", "16"]
     Image.fromarray((np.random.default_rng(1).random((20, 28, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
     run_cli(subcommand_for(path), "-c", str(path), "--model.backbone.pretrained", str(model),
             "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu", "--output_dir", str(out),
@@ -137,7 +143,8 @@ def test_bf16_mixed_has_no_nan(family, config, tiny_sdxl_dir, tiny_sd3_dir, tmp_
     assert all(np.isfinite(x["psnr"]) for x in lines)
 
 
-def test_a_hub_id_is_read_from_the_local_cache_offline(tiny_model_dir, tiny_sdxl_dir, tiny_sd3_dir, tmp_path):
+def test_a_hub_id_is_read_from_the_local_cache_offline(tiny_model_dir, tiny_sdxl_dir, tiny_sd3_dir, tiny_flux_dir,
+                                                       tmp_path):
     """Hub ids of both families load from the hub cache with no network (HF_HUB_OFFLINE=1), family and all."""
     import os
     import subprocess
@@ -145,14 +152,14 @@ def test_a_hub_id_is_read_from_the_local_cache_offline(tiny_model_dir, tiny_sdxl
 
     cache = tmp_path / "hub"
     for repo, folder in (("acme/tiny-sd", tiny_model_dir), ("acme/tiny-sdxl", tiny_sdxl_dir),
-                         ("acme/tiny-sd3", tiny_sd3_dir)):
+                         ("acme/tiny-sd3", tiny_sd3_dir), ("acme/tiny-flux", tiny_flux_dir)):
         root = cache / f"models--{repo.replace('/', '--')}"
         commit = "0123456789abcdef0123456789abcdef01234567"
         shutil.copytree(folder, root / "snapshots" / commit)
         (root / "refs").mkdir()
         (root / "refs" / "main").write_text(commit)
     code = ("from diffinv.backbone import Backbone, BackboneConfig\n"
-            "for repo in ('acme/tiny-sd', 'acme/tiny-sdxl', 'acme/tiny-sd3'):\n"
+            "for repo in ('acme/tiny-sd', 'acme/tiny-sdxl', 'acme/tiny-sd3', 'acme/tiny-flux'):\n"
             "    bb = Backbone.load(BackboneConfig(pretrained=repo))\n"
             "    print(repo, type(bb.family).__name__, tuple(bb.encode_prompts(['a photo of a cat']).shape))\n")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
@@ -161,6 +168,7 @@ def test_a_hub_id_is_read_from_the_local_cache_offline(tiny_model_dir, tiny_sdxl
     assert "acme/tiny-sd StableDiffusion (1, 8, 16)" in proc.stdout
     assert "acme/tiny-sdxl StableDiffusionXL (1, 9, 24)" in proc.stdout
     assert "acme/tiny-sd3 StableDiffusion3 (1, 265, 32)" in proc.stdout  # 8 CLIP + 256 T5 (off: zeros) + pooled
+    assert "acme/tiny-flux Flux (1, 513, " in proc.stdout  # 512 T5 states + CLIP's pooled row
 
 
 def test_the_ddim_step_in_normalised_coordinates_is_the_rectified_flow_euler_step():
@@ -203,17 +211,165 @@ def test_sd3_conditioning_and_sampling_are_the_pipelines(tiny_sd3):
     assert gap <= 2e-3 * scale, (gap, scale)  # the start's 1e-3 offset from pure noise (max_sigma 0.999)
 
 
-def test_prompt_to_prompt_is_refused_on_sd3_before_any_work(tiny_sd3_dir, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_prompt_to_prompt_is_refused_on_joint_attention_before_any_work(family, tiny_sd3_dir, tiny_flux_dir, tmp_path,
+                                                                        capsys):
     from diffinv.cli import main
+
+    model = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[family]
 
     Image.fromarray((np.random.default_rng(2).random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         main(["predict", "-c", str(REPO / "configs/edit_p2p_replace.yaml"), "--model.backbone.pretrained",
-              str(tiny_sd3_dir), "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu",
+              str(model), "--model.num_inference_steps", "3", "--trainer.accelerator", "cpu",
               "--output_dir", str(out), "--data.image", str(tmp_path / "x.png"), "--data.source_prompt",
               "a photo of a cat", "--data.target_prompts", json.dumps(["a photo of a dog"])])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Prompt-to-Prompt edits cross-attention maps, and this model has none" in err
     assert not (out / "x").exists() and not (out / "metrics.jsonl").exists()
+
+
+# --- predict: (eps, x0) where the latent sits ---------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_diffusion_predict_keeps_eps_and_gives_x0_at_the_latents_level(family, tiny_backbone, tiny_sdxl):
+    """eps is the denoiser's output bit for bit (epsilon prediction), whatever alpha; x0 is DDIM's
+    (z - sqrt(1 - a) eps) / sqrt(a) at the given level a (default: the timestep's)."""
+    from diffinv.ddim import predict_x0
+
+    bb = {"sd": tiny_backbone, "sdxl": tiny_sdxl}[family]
+    s = bb.schedule(5)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompts(["a photo of a cat"])
+    with torch.no_grad():
+        raw = bb.family.denoise(bb, z, s.timesteps[2], cond)
+        eps, x0 = bb.predict(z, s.timesteps[2], cond)
+        eps_at, x0_at = bb.predict(z, s.timesteps[2], cond, s.alphas[2])
+    assert torch.equal(eps, raw) and torch.equal(eps_at, raw) and torch.equal(bb.eps(z, s.timesteps[2], cond), raw)
+    assert torch.equal(x0, predict_x0(z, raw, s.alphas[3].float()))  # level 3 is the timestep's
+    assert torch.equal(x0_at, predict_x0(z, raw, s.alphas[2]))
+
+
+def test_flow_predict_converts_at_the_latents_level_and_steps_as_euler(tiny_sd3):
+    """With a constant-velocity fake transformer: (eps, x0) at the level alpha (s from alpha, not from t), and the
+    DDIM step from_x0(x0, eps, a_to) in z-coordinates is exactly the Euler step x' = x + (s_to - s) v, also from
+    and to s = 1 (alpha 0: no division)."""
+    from diffinv.ddim import from_x0
+
+    g = torch.Generator().manual_seed(0)
+    x, v = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    family = replace(tiny_sd3.family, max_sigma=1.0)
+    family.denoise = lambda backbone, z, t, cond: v  # noqa: E731 - the fake: the same velocity everywhere
+    s = family.schedule(tiny_sd3, 6)
+    sigmas = [0.0, *(float(q) for q in tiny_sd3.scheduler.sigmas[:6].flip(0))]  # level k's s, level 0 clean
+    assert sigmas[-1] == 1.0 and s.alphas[-1] == 0
+    norm = lambda q: ((1 - q) ** 2 + q**2) ** 0.5  # noqa: E731
+    t = s.timesteps[0]  # any timestep: the conversion reads the latent's level, not t's
+    for k_from, k_to in ((6, 5), (6, 0), (3, 2), (2, 6), (0, 6), (4, 4)):
+        eps, x0 = family.predict(tiny_sd3, x / norm(sigmas[k_from]), t, None, s.alphas[k_from])
+        assert torch.allclose(x0, x - sigmas[k_from] * v, atol=1e-12)
+        z_to = from_x0(x0, eps, s.alphas[k_to])
+        assert torch.allclose(z_to * norm(sigmas[k_to]), x + (sigmas[k_to] - sigmas[k_from]) * v, atol=1e-12)
+    eps_t, _ = family.predict(tiny_sd3, x, s.timesteps[-1], None)  # alpha None: the timestep's own level, s = 1
+    assert torch.equal(eps_t, x)
+
+
+def test_flow_eps_is_bit_identical_at_the_timesteps_own_level(tiny_sd3):
+    """predict(alpha=None) keeps today's eps = x + (1 - t/T) v, x = z sqrt((1 - s)^2 + s^2) op for op."""
+    bb = tiny_sd3
+    z, cond = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)), bb.encode_prompts(["a cat"])
+    t = bb.schedule(5).timesteps[2]
+    with torch.no_grad():
+        sig = torch.as_tensor(t).double() / 1000
+        x = z * ((1 - sig) ** 2 + sig**2).sqrt().float()
+        expected = x + (1 - sig).float() * bb.family.denoise(bb, x, t, cond)
+        assert torch.equal(bb.eps(z, t, cond), expected)
+
+
+def test_flow_schedule_reaches_pure_noise_with_max_sigma_one(tiny_sd3):
+    """max_sigma 1: the scheduler's own (distinct) sigmas, top level alpha exactly 0, any step count (shift 3 puts
+    two levels above 0.999 from 334 steps: refused with the default clamp)."""
+    family = replace(tiny_sd3.family, max_sigma=1.0)
+    for n in (1, 6, 334, 1000):
+        s = family.schedule(tiny_sd3, n)
+        assert s.num_steps == n and s.alphas[-1] == 0 and s.alphas[0] == 1 and bool((s.alphas.diff() < 0).all())
+        assert torch.equal(s.timesteps, tiny_sd3.scheduler.timesteps.flip(0))
+        assert len(torch.unique(s.timesteps)) == n
+    assert tiny_sd3.family.max_sigma == 0.999 and tiny_sd3.schedule(6).alphas[-1] > 0  # the default, for now
+    with pytest.raises(DiffinvError, match="repeated timesteps"):
+        tiny_sd3.schedule(334)
+
+
+# --- SD 3 with T5, SD 3.5, dynamic shifting ----------------------------------------------------------------
+def sd3_pipeline(bb):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(transformer=bb.unet, scheduler=bb.scheduler, vae=bb.vae,
+                                    text_encoder=bb.text_encoder, tokenizer=bb.tokenizer,
+                                    text_encoder_2=bb.text_encoder_2, tokenizer_2=bb.tokenizer_2,
+                                    text_encoder_3=bb.text_encoder_3, tokenizer_3=bb.tokenizer_3)
+
+
+def assert_sd3_matches_the_pipeline(bb, h: int = 8, w: int = 12):
+    """Conditioning as StableDiffusion3Pipeline.encode_prompt, and CFG 7.5 sampling from the same pure-noise start
+    (max_sigma 1, predict + DDIM steps in z-coordinates) as the pipeline's Euler sampler, to float32 rounding."""
+    pipe = sd3_pipeline(bb)
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            "a photo of a cat", None, None, device="cpu", do_classifier_free_guidance=True)
+        cond, null = bb.encode_prompts(["a photo of a cat"]), bb.encode_prompts([""])
+        assert torch.equal(cond[:, :-1], embeds) and torch.equal(cond[:, -1, :16], pooled)
+        assert torch.equal(null[:, :-1], negative) and torch.equal(null[:, -1, :16], negative_pooled)
+        z_T = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(1))
+        theirs = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                      negative_pooled_prompt_embeds=negative_pooled, height=2 * h, width=2 * w,
+                      num_inference_steps=6, guidance_scale=7.5, latents=z_T.clone(), output_type="latent").images
+        schedule = replace(bb.family, max_sigma=1.0).schedule(bb, 6, latent_size=(h, w))
+        ours = flow_sample(bb, schedule, z_T, cond, null, 7.5)
+    gap = float((ours - theirs).abs().max())
+    assert gap <= 1e-5 * float(theirs.abs().max()), gap
+
+
+@pytest.mark.parametrize("model", ["sd3_t5", "sd35"])
+def test_sd3_with_t5_and_sd35_are_the_pipelines(model, tiny_sd3_t5, tiny_sd35):
+    bb = {"sd3_t5": tiny_sd3_t5, "sd35": tiny_sd35}[model]
+    assert isinstance(bb.family, StableDiffusion3) and bb.family.t5 and bb.text_encoder_3 is not None
+    assert_sd3_matches_the_pipeline(bb)
+
+
+def test_sd3_without_t5_samples_as_the_pipeline_from_pure_noise(tiny_sd3):
+    assert_sd3_matches_the_pipeline(tiny_sd3)
+
+
+def test_a_t5_that_does_not_load_stops_the_load(tiny_sd3_t5_dir, tmp_path):
+    """model_index.json lists text_encoder_3: T5 must load, else one line naming the folder and the error (no
+    silent 'T5 off')."""
+    broken = tmp_path / "sd3-broken-t5"
+    shutil.copytree(tiny_sd3_t5_dir, broken)
+    for f in (broken / "text_encoder_3").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(DiffinvError) as e:
+        Backbone.load(BackboneConfig(pretrained=str(broken)))
+    message = str(e.value)
+    assert "\n" not in message and str(broken) in message and "T5 text encoder (text_encoder_3)" in message
+
+
+def test_sd3_with_dynamic_shifting_loads_and_shifts_by_the_latents_size(tiny_sd3_dir, tmp_path):
+    """A scheduler with use_dynamic_shifting (once refused): mu from the latents' token count as the SD 3 pipeline
+    computes it, and sampling at a non-native size as the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    folder = tmp_path / "sd3-dynamic"
+    shutil.copytree(tiny_sd3_dir, folder)
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64,
+                                    base_shift=0.5, max_shift=1.16).save_pretrained(folder / "scheduler")
+    bb = Backbone.load(BackboneConfig(pretrained=str(folder)))
+    for size in ((8, 12), (4, 4), None):
+        tokens = 16 if size is None else size[0] * size[1] // 4  # native 8 x 8 latents, 2 x 2 patches
+        bb.scheduler.set_timesteps(6, mu=calculate_shift(tokens, 4, 64, 0.5, 1.16))
+        expected = bb.scheduler.timesteps.clamp(max=999.0).flip(0)
+        assert torch.equal(bb.schedule(6, latent_size=size).timesteps, expected)
+    assert not torch.equal(bb.schedule(6, (4, 4)).timesteps, bb.schedule(6, (8, 12)).timesteps)
+    assert_sd3_matches_the_pipeline(bb, 8, 12)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from diffinv import (
     ProximalNegativePromptInversion,
 )
 from diffinv.data import Item
+from diffinv.errors import DiffinvError
+from diffinv.inversion.record import Sampling
 
 STEPS = 6
 
@@ -74,11 +78,17 @@ def test_proxnpi_limits(methods):
 
 def test_proxnpi_guidance_pulls_reconstruction_towards_source_latent(methods):
     inv = run(methods["npi"], [item()])[0].inversion
+    own = run(methods["prox"], [item()])[0].inversion
+    assert own.sampling.rule == dataclasses.asdict(methods["prox"].proximal) and inv.sampling.rule is None
     with torch.inference_mode():
         (plain, _), = methods["npi"].edit([inv], [[]])
-        (guided, _), = methods["prox"].edit([inv], [[]])
+        (guided, _), = methods["prox"].edit([own], [[]])
+        (kept, _), = methods["prox"].edit([inv], [[]])  # NPI's record keeps NPI's reconstruction
     err = lambda z: float(((z - inv.z0) ** 2).mean())  # noqa: E731
     assert err(guided) < 0.5 * err(plain)
+    torch.testing.assert_close(kept, plain, atol=1e-6, rtol=0)
+    with pytest.raises(DiffinvError, match="reconstructs under guidance settings .* npi's config does not reproduce"):
+        methods["npi"].edit([own], [[]])  # the pull is pinned in ProxNPI's record: NPI cannot reproduce it
 
 
 @pytest.mark.parametrize("name", ["ddim", "npi", "prox"])
@@ -128,6 +138,7 @@ def test_dpm_encoder_code_returns_z0_exactly_in_float64(tiny_model_dir):
     from diffinv.editing.sampler import sample
     from diffinv.guidance import cfg
     from diffinv.inversion.cycle_diffusion import dpm_encode
+    from diffinv.steps import StochasticStep
 
     bb = Backbone.load(BackboneConfig(pretrained=str(tiny_model_dir))).to(torch.float64)
     schedule = bb.schedule(STEPS)
@@ -143,7 +154,7 @@ def test_dpm_encoder_code_returns_z0_exactly_in_float64(tiny_model_dir):
         noise = torch.randn(STEPS, *z0.shape, generator=g, dtype=torch.float64)
         chain, residuals = dpm_encode(guided, z0, schedule, eta, noise)
         assert torch.equal(chain[0], z0) and chain.shape[0] == STEPS + 1
-        z = sample(bb, schedule, chain[-1], cond, null, 7.5, eta=eta, step_noise=residuals)
+        z = sample(bb, schedule, chain[-1], cond, null, 7.5, step=StochasticStep(eta=eta, noise=residuals))
         torch.testing.assert_close(z, z0, atol=1e-9, rtol=0)
 
 
@@ -184,7 +195,7 @@ def methods_for(bb):
 def test_another_method_samples_a_cycle_diffusion_record_with_its_code(methods, tmp_path):
     r = run(methods["cycle"], [item()])[0]
     loaded = Inversion.load(r.inversion.save(tmp_path / "inv.safetensors"))
-    assert loaded.meta["eta"] == "1.0" and loaded.meta["reconstruction_guidance_scale"] == "1.0"
+    assert loaded.sampling == Sampling(step="stochastic", eta=1.0, guidance_scale=1.0)
     assert loaded.extra["step_noise"].shape[0] == STEPS
     with torch.inference_mode():  # both at w = 7.5 for edits; the record pins its reconstruction's w = 1
         (rec, edits), = methods["ddim"].edit([loaded], [["a photo of a dog"]])

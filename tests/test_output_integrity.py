@@ -213,7 +213,7 @@ def test_a_nonsense_resolution_is_one_line(cli, capsys, resolution):
 # --- 8. animated images ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
 def test_an_animated_image_warns_that_only_its_first_frame_is_used(cli, fmt):
-    from diffinv.cli import _one_line_warning
+    from diffinv.run import _one_line_warning
     from diffinv.data import load_image
 
     frames = [Image.new("RGB", (20, 16), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]

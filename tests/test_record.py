@@ -3,6 +3,7 @@ import torch
 
 from diffinv import Inversion
 from diffinv.errors import DiffinvError
+from diffinv.inversion.record import Sampling
 
 
 def record(**kw):
@@ -70,8 +71,9 @@ def test_pie_bench_metrics_are_computed_outside_the_edit_mask():
 def test_load_refuses_model_independent_damage_naming_the_file(tmp_path):
     cases = {
         "meta.safetensors": (record(meta=[1, 2]), "has meta of type list"),
-        "level.safetensors": (record(meta={"start_level": "x"}), "start_level 'x', expected an integer"),
-        "eta.safetensors": (record(meta={"eta": "lots"}), "meta eta 'lots', expected a number"),
+        "level.safetensors": (record(sampling=Sampling(start_level="x")), "start_level 'x', expected a level"),
+        "eta.safetensors": (record(sampling=Sampling(eta="lots")), "sampling eta 'lots', expected a finite number"),
+        "noise.safetensors": (record(sampling=Sampling(step="stochastic")), "stochastic step but lacks extra.step_"),
         "nan.safetensors": (record(z0=torch.full((4, 2, 2), float("nan"))), "NaN or infinite values in z0"),
         "w.safetensors": (record(guidance_scale=float("inf")), "guidance_scale inf"),
         "zt.safetensors": (record(z_T=torch.zeros(4, 3, 2)), "z_T of shape 4x3x2, expected 4x2x2"),

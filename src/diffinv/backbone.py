@@ -1,12 +1,12 @@
 """Loads a Stable Diffusion's parts (diffusers layout) and exposes the few operations inversion needs.
 
-Works for any SD 1.x/2.x, SDXL or SD 3/3.5 checkpoint in diffusers layout (``vae``, ``text_encoder``,
-``tokenizer``, ``unet``, ``scheduler`` folders; SDXL also ``text_encoder_2``, ``tokenizer_2``; SD 3 a
-``transformer`` for the ``unet``), from the hub cache, a local folder, or the embedded shapes model
-(``"shapes"``). What differs between the families (components, text conditioning, the denoiser's call, the
-prediction, the schedule) is in :mod:`diffinv.families`; ``unet`` is the denoiser whichever it is.
-The components are loaded one by one (no safety checker, no pipeline object), frozen, and kept as submodules so
-Lightning moves them to the right device.
+Works for any SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 checkpoint in diffusers layout (``vae``, ``text_encoder``,
+``tokenizer``, ``unet``, ``scheduler`` folders; SDXL also ``text_encoder_2``, ``tokenizer_2``; SD 3 and FLUX a
+``transformer`` for the ``unet``, SD 3 a T5 in ``text_encoder_3``, FLUX in ``text_encoder_2``), from the hub
+cache, a local folder, or the embedded shapes model (``"shapes"``). What differs between the families
+(components, text conditioning, the denoiser's call, the prediction, the schedule) is in
+:mod:`diffinv.families`; ``unet`` is the denoiser whichever it is. The components are loaded one by one (no
+safety checker, no pipeline object), frozen, and kept as submodules so Lightning moves them to the right device.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .ddim import Schedule
 from .errors import DiffinvError
-from .families import Family, StableDiffusion, family_of
+from .families import Family, StableDiffusion, family_of, first_line
 
 EMBEDDED_MODEL = "shapes"
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -40,7 +40,7 @@ class BackboneConfig:
     pretrained: str = EMBEDDED_MODEL
     """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' or
     'stabilityai/stable-diffusion-xl-base-1.0' (taken from the local hub cache; downloaded only when
-    HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x, SDXL or SD 3/3.5)."""
+    HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
     variant: str | None = None
@@ -114,8 +114,9 @@ def _load_or_explain(load_all, source: str, local: bool):
             except Exception as download_error:  # noqa: BLE001
                 error = download_error
     where = f"folder {source}" if local else f"hub model '{source}'"
+    what = first_line(error) if isinstance(error, DiffinvError) else f"{type(error).__name__}: {first_line(error)}"
     raise DiffinvError(
-        f"could not load the Stable Diffusion {where}: {type(error).__name__}: {str(error).splitlines()[0][:300]}. "
+        f"could not load the Stable Diffusion {where}: {what}. "
         + (
             "Check that the folder holds the model's components as saved by diffusers."
             if local
@@ -175,13 +176,13 @@ class Backbone(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor times the denoiser's patch size (SD 3: 2)."""
-        return self.vae_scale_factor * int(getattr(self.unet.config, "patch_size", None) or 1)
+        """Image sides must be multiples of this: the VAE's factor times the denoiser's patch size (SD 3's
+        patch_size, FLUX's 2x2 packing: 2)."""
+        return self.vae_scale_factor * self.family.patch_size(self)
 
     @property
     def native_resolution(self) -> int:
-        sample = self.unet.config.sample_size
-        return (sample if isinstance(sample, int) else sample[0]) * self.vae_scale_factor
+        return self.family.sample_size(self) * self.vae_scale_factor
 
     @property
     def device(self) -> torch.device:
@@ -233,10 +234,15 @@ class Backbone(nn.Module):
         return torch.stack([self._prompt_cache[p].to(self.device) for p in prompts])
 
     # --- noise ------------------------------------------------------------------------------------------------
-    def eps(self, z: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-        """The noise prediction eps_theta(z, t, emb) the DDIM solver needs (``emb``: the family's conditioning):
-        the model's own output converted by its family (v-prediction, flow velocity)."""
-        return self.family.eps(self, z, t, emb)
+    def predict(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(eps, x0): the noise and clean-latent predictions in DDIM coordinates for latents z at the level whose
+        alpha is ``alpha`` (0-d float64; None: the timestep t's own level), under timestep t and conditioning
+        ``emb``: the model's own output converted by its family (:meth:`diffinv.families.Family.predict`)."""
+        return self.family.predict(self, z, t, emb, alpha)
+
+    def eps(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> Tensor:
+        """The noise prediction eps_theta(z, t, emb) the DDIM solver needs: ``predict(...)[0]``."""
+        return self.predict(z, t, emb, alpha)[0]
 
     @functools.cached_property
     def max_steps(self) -> int:
@@ -259,13 +265,15 @@ class Backbone(nn.Module):
                 f"({', '.join(unknown[:6])}{'...' if len(unknown) > 6 else ''}), so real photos give meaningless "
                 "results: pass a real Stable Diffusion with --model.backbone.pretrained (a hub id or a folder)"]
 
-    def schedule(self, num_steps: int) -> Schedule:
-        """Timesteps and levels of an N-step run, per the model's scheduler config and family."""
+    def schedule(self, num_steps: int, latent_size: tuple[int, int] | None = None) -> Schedule:
+        """Timesteps and levels of an N-step run, per the model's scheduler config and family, for latents of
+        ``latent_size`` (h, w) (None: the model's native size; resolution-dependent shifting reads it: SD 3 with
+        use_dynamic_shifting, FLUX.1-dev)."""
         most = self.max_steps
         if not 1 <= num_steps <= most:
             config = self.scheduler.config
             raise DiffinvError(f"num_inference_steps must be in 1..{most} for this model's scheduler "
                                f"({config.num_train_timesteps} training timesteps, "
                                f"'{getattr(config, 'timestep_spacing', 'linspace')}' spacing), got {num_steps}")
-        s = self.family.schedule(self, num_steps)
+        s = self.family.schedule(self, num_steps, latent_size)
         return Schedule(timesteps=s.timesteps.to(self.device), alphas=s.alphas.to(self.device))

@@ -7,7 +7,8 @@ run. Runs share the bench's interpreter (imports paid once); a run with its own 
 ``metrics.jsonl`` is aggregated:
 
 * ``results.csv``: one row per run and metric: mean, 95% confidence half-width (1.96 s / sqrt(n), normal
-  approximation), n (finite values), and how many values were not finite (never averaged silently);
+  approximation), n (finite values), and how many values were not finite (``null`` in metrics.jsonl, e.g. the
+  PSNR inf of a perfect reconstruction: never averaged silently);
 * ``results.md``: the table (mean ± CI), "unavailable" for metrics that could not be computed;
 * ``<metric>.png``: bars per method (one step count) or lines over the step counts (a sweep); none for a
   metric without a single value (an unavailable LPIPS, say);
@@ -155,6 +156,13 @@ def mean_ci(values: list[float]) -> tuple[float, float, int, int]:
     return m, 1.96 * sd / math.sqrt(len(finite)), len(finite), bad
 
 
+def metric_value(value: float | str | None) -> float:
+    """A measured value of a metrics.jsonl line as a number: null (not finite, e.g. the PSNR of identical images:
+    :func:`diffinv.output.json_line`) as NaN, which :func:`mean_ci` counts as not finite; older files' "inf" and
+    "nan" strings as those numbers."""
+    return math.nan if value is None else float(value)
+
+
 def shapes_edit_scores(line: dict, run_dir: Path) -> dict:
     """On the shapes world, the attribute classifier's verdict on an edit: the attributes the target prompt
     changed are read back (edit accuracy), the others unchanged (kept). Empty for other prompts."""
@@ -190,7 +198,7 @@ def aggregate(output_dir: Path, runs: list[Run], steps: list[int | None], table:
                 values = [x.get(metric) for x in lines if metric in x]
                 if not values:
                     continue
-                numbers = [float(v) if v != "inf" else math.inf for v in values if v != "unavailable"]
+                numbers = [metric_value(v) for v in values if v != "unavailable"]
                 m, ci, count, bad = mean_ci(numbers)
                 rows.append({"label": run.label, "steps": n if n is not None else lines[0]["num_inference_steps"],
                              "metric": metric, "mean": m, "ci95": ci, "n": count, "not_finite": bad,
@@ -210,8 +218,8 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
     def fmt(r: dict | None) -> str:
         if r is None:
             return ""
-        if r["n"] == 0:
-            return "unavailable" if r["unavailable"] else "n/a"
+        if r["n"] == 0:  # no finite value: every one was unavailable, or not finite (null: a PSNR inf, say)
+            return "unavailable" if r["unavailable"] else "not finite"
         text = f"{r['mean']:.3f}" + ("" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.3f}")
         return text + (f" ({r['not_finite']} not finite)" if r["not_finite"] else "")
 
@@ -279,14 +287,13 @@ def run_one(argv: list[str]) -> int:
     importing torch and Lightning are paid once per benchmark, not once per run; in a fresh one where the run
     launches processes of its own. Returns its exit status."""
     if _needs_own_processes(argv):
-        return subprocess.run([sys.executable, "-m", "diffinv.cli", *argv]).returncode
-    from .cli import main
+        return subprocess.run([sys.executable, "-m", "diffinv.run", *argv]).returncode
+    from .run import run_lightning
 
     try:
-        main(argv)
-    except SystemExit as e:
+        return run_lightning(argv)
+    except SystemExit as e:  # Lightning's own exits (its parser's)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
 
 
 def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
@@ -318,7 +325,7 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
     for k, (run, n) in enumerate(plan):
         config = _config_path(run.config, bases)
         run_dir = out / run.label / f"steps-{n or 'default'}"
-        cmd = [sys.executable, "-m", "diffinv.cli", subcommand_for(config), "-c", str(config), "--output_dir", str(run_dir),
+        cmd = [sys.executable, "-m", "diffinv.run", subcommand_for(config), "-c", str(config), "--output_dir", str(run_dir),
                *(["--model.num_inference_steps", str(n)] if n else []), *resolve_args([*(args or []), *run.args], bases)]
         elapsed = time.perf_counter() - started
         eta = f", about {elapsed / k * (len(plan) - k):.0f} s left" if k else ""

@@ -14,8 +14,9 @@ the same eps returns the input exactly (tested).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -65,17 +66,32 @@ def make_schedule(alphas_cumprod: Tensor, timesteps: Tensor, final_alpha_cumprod
     return Schedule(timesteps=ts, alphas=alphas)
 
 
+def strength_level(num_steps: int, strength: float) -> int:
+    """The level L = int(N strength) an editing strength inverts to and samples from, at least 1 (salesforce/EDICT:
+    ``t_limit = steps - int(steps * init_image_strength)``; diffusers' CycleDiffusionPipeline: ``init_timestep =
+    int(num_inference_steps * strength)``; both sample the L lowest timesteps). ``int`` truncates as theirs do:
+    int(100 * 0.29) = 28."""
+    return max(1, int(num_steps * strength))
+
+
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 """eps_fn(z, t) -> noise prediction for latents z (B, C, H, W) at UNet timestep t (a 0-d long tensor)."""
 
 
-def invert(eps_fn: EpsFn, z0: Tensor, schedule: Schedule) -> Tensor:
-    """DDIM inversion (NPI eq. 3): the trajectory z*_0 .. z*_N as a (N + 1, B, C, H, W) tensor."""
+LevelEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""eps_fn(z, t, alpha) -> noise prediction for latents z at UNet timestep t, z sitting at the level of ``alpha``
+(0-d float64): inversion evaluates the step's target timestep on the latent of the level below, and a flow family
+converts its velocity where the latent really is (:meth:`diffinv.backbone.Backbone.eps`)."""
+
+
+def invert(eps_fn: LevelEpsFn, z0: Tensor, schedule: Schedule) -> Tensor:
+    """DDIM inversion (NPI eq. 3): the trajectory z*_0 .. z*_N as a (N + 1, B, C, H, W) tensor. The step to level
+    k evaluates timestep t_k on z*_{k-1}, which sits at level k - 1 (told to ``eps_fn``)."""
     trajectory = [z0]
     z = z0
     for k in range(1, schedule.num_steps + 1):
         t = schedule.timesteps[k - 1]
-        z = ddim_step(z, eps_fn(z, t), schedule.alphas[k - 1], schedule.alphas[k])
+        z = ddim_step(z, eps_fn(z, t, schedule.alphas[k - 1]), schedule.alphas[k - 1], schedule.alphas[k])
         trajectory.append(z)
     return torch.stack(trajectory)
 
@@ -86,6 +102,23 @@ def ddim_sigma(alpha_from: Tensor | float, alpha_to: Tensor | float, eta: float)
     eta sqrt((1 - a_to) / (1 - a_from)) sqrt(1 - a_from / a_to); eta = 1 is DDPM's posterior variance."""
     a_from, a_to = torch.as_tensor(alpha_from, dtype=torch.float64), torch.as_tensor(alpha_to, dtype=torch.float64)
     return eta * ((1 - a_to) / (1 - a_from)).sqrt() * (1 - a_from / a_to).sqrt()
+
+
+Variance = Literal["ddim", "authors"]
+"""How a stochastic step's direction coefficient sqrt(1 - a_to - s^2) (DDIM eq. 12) subtracts the variance:
+'ddim': s^2 = sigma_eta^2 = eta^2 sigma_1^2 (DDIM eq. 12/16, the papers'); 'authors': s^2 = eta sigma_1^2, as the
+edit-friendly DDPM inversion code writes it (``1 - alpha_prod_t_prev - eta * variance``, sigma_1^2 = DDPM's posterior
+variance). The two agree at eta = 1 (and at eta = 0)."""
+
+
+def direction_sigma(alpha_from: Tensor | float, alpha_to: Tensor | float, eta: float,
+                    variance: Variance = "ddim") -> Tensor:
+    """The s whose square the direction coefficient sqrt(1 - a_to - s^2) of the step from level alpha_from to
+    alpha_to subtracts (:data:`Variance`): 'ddim': :func:`ddim_sigma` at eta (DDIM eq. 16); 'authors': sqrt(eta)
+    sigma_1, so s^2 = eta sigma_1^2 (edit-friendly DDPM inversion's ``reverse_step``)."""
+    if variance == "authors":
+        return math.sqrt(eta) * ddim_sigma(alpha_from, alpha_to, 1.0)
+    return ddim_sigma(alpha_from, alpha_to, eta)
 
 
 def ddim_mean(x0: Tensor, eps: Tensor, alpha_to: Tensor | float, sigma: Tensor | float) -> Tensor:
@@ -104,10 +137,12 @@ def posterior_sample(z: Tensor, x0: Tensor, alpha_from: Tensor | float, alpha_to
     return ddim_mean(x0, true_eps, alpha_to, sigma) + torch.as_tensor(sigma, dtype=z.dtype, device=z.device) * noise
 
 
-def posterior_chain(z0: Tensor, schedule: Schedule, eta: float, noise: Tensor) -> Tensor:
+def posterior_chain(z0: Tensor, schedule: Schedule, eta: float, noise: Tensor, top: int | None = None) -> Tensor:
     """CycleDiffusion's DPM-Encoder chain (N + 1, B, ...): z_N ~ q(z_N | z0), then z_{k-1} ~ q_sigma(z_{k-1} | z_k,
-    z0) down to z_0 = z0. ``noise``: (N, B, ...) standard normal, [N - 1] for z_N and [k - 2] for z_{k-1}."""
-    n = schedule.num_steps
+    z0) down to z_0 = z0. ``noise``: (N, B, ...) standard normal, [N - 1] for z_N and [k - 2] for z_{k-1}.
+    ``top``: the chain starts at that level instead (a strength below 1: z_top ~ q(z_top | z0) from
+    ``noise[top - 1]``); the levels above it hold z_top, never read."""
+    n = schedule.num_steps if top is None else top
     z = from_x0(z0, noise[n - 1], schedule.alphas[n].to(z0.dtype))
     chain = [z]
     for k in range(n, 1, -1):
@@ -116,7 +151,7 @@ def posterior_chain(z0: Tensor, schedule: Schedule, eta: float, noise: Tensor) -
                              noise[k - 2])
         chain.append(z)
     chain.append(z0)
-    return torch.stack(chain[::-1])
+    return torch.stack([*chain[::-1], *[chain[0]] * (schedule.num_steps - n)])
 
 
 def independent_chain(z0: Tensor, schedule: Schedule, noise: Tensor) -> Tensor:
@@ -126,12 +161,16 @@ def independent_chain(z0: Tensor, schedule: Schedule, noise: Tensor) -> Tensor:
     return torch.stack([z0, *levels])
 
 
-def step_residuals(eps_fn: EpsFn, chain: Tensor, schedule: Schedule, eta: float, top: int | None = None) -> Tensor:
+def step_residuals(eps_fn: EpsFn, chain: Tensor, schedule: Schedule, eta: float, top: int | None = None,
+                   variance: Variance = "ddim", x0_fn: EpsFn | None = None) -> Tensor:
     """(N, B, ...) the noise r_k = z_{k-1} - mean_theta(z_k) (DDIM eq. 12) that makes the stochastic sampler's step
     from each level k of ``chain`` land on level k - 1, stored at [k - 1]: CycleDiffusion's code and DDPM
     inversion's noise maps (their eq. 5: r_k = sigma_k z_k; stored as r_k, so sigma_k = 0 needs no division).
     Sampling from chain[N] with them returns chain[0] exactly in exact arithmetic, whatever the chain. ``top``:
-    sampling starts at that level (DDPM inversion's skip), the residuals above it are zeros, never computed."""
+    sampling starts at that level (DDPM inversion's skip, a strength), the residuals above it are zeros, never
+    computed. ``variance``: the direction coefficient of the mean (:data:`Variance`); the residuals absorb either
+    form, so the sampler must use the same. ``x0_fn(z, t)``: the model's own (guided) x0, used at a level of alpha 0
+    (a zero-terminal-SNR model's top), where x0 is not a function of eps (eps = z there), as the sampler does."""
     top = schedule.num_steps if top is None else top
     residuals = []
     for k in range(1, schedule.num_steps + 1):
@@ -139,7 +178,10 @@ def step_residuals(eps_fn: EpsFn, chain: Tensor, schedule: Schedule, eta: float,
             residuals.append(torch.zeros_like(chain[k]))
             continue
         z, a_t, a_prev = chain[k], schedule.alphas[k].to(chain.dtype), schedule.alphas[k - 1].to(chain.dtype)
-        eps = eps_fn(z, schedule.timesteps[k - 1])
-        sigma = ddim_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta)
-        residuals.append(chain[k - 1] - ddim_mean(predict_x0(z, eps, a_t), eps, a_prev, sigma))
+        t = schedule.timesteps[k - 1]
+        eps = eps_fn(z, t)
+        sigma = direction_sigma(schedule.alphas[k], schedule.alphas[k - 1], eta, variance)
+        pure_noise = float(schedule.alphas[k]) == 0.0 and x0_fn is not None
+        x0 = x0_fn(z, t) if pure_noise else predict_x0(z, eps, a_t)
+        residuals.append(chain[k - 1] - ddim_mean(x0, eps, a_prev, sigma))
     return torch.stack(residuals)

@@ -217,6 +217,8 @@ class Proximal:
         edit_rows: (B,) bool: the target rows, the only ones the operator acts on under scope 'row'; None: all.
         z0: (B, C, h, w) source latents (reconstruction guidance).
         trajectory: (N + 1, B, C, h, w) inversion trajectories (inversion guidance).
+        unguided_rows: (B,) bool: rows the guidances leave alone (mask 0: all edited), e.g. the reconstruction row of
+            a record made without them; None: none.
     """
 
     config: ProximalGuidance
@@ -225,6 +227,7 @@ class Proximal:
     edit_rows: Tensor | None = None
     z0: Tensor | None = None
     trajectory: Tensor | None = None
+    unguided_rows: Tensor | None = None
 
     def __post_init__(self):
         if self.config.reconstruction_guidance and self.z0 is None:
@@ -233,7 +236,10 @@ class Proximal:
             raise ValueError("inversion guidance needs the inversion trajectory")
 
     def combine(self, eps_uncond: Tensor, eps_cond: Tensor) -> tuple[Tensor, Tensor | None]:
-        return proximal_eps(eps_uncond, eps_cond, self.scale, self.config, self.groups, self.edit_rows)
+        eps, keep = proximal_eps(eps_uncond, eps_cond, self.scale, self.config, self.groups, self.edit_rows)
+        if self.unguided_rows is not None and bool(self.unguided_rows.any()):
+            keep = torch.where(self.unguided_rows.to(keep.device).view(-1, 1, 1, 1), torch.zeros_like(keep), keep)
+        return eps, keep
 
     def _guides(self, t: int) -> bool:
         return t < self.config.until_timestep

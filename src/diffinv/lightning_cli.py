@@ -4,10 +4,12 @@ the output folder checked, matched against the run and locked before any work (i
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from argparse import ArgumentError
+from dataclasses import dataclass, field
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -16,9 +18,23 @@ from .errors import DiffinvError, chain
 from .output import OutputLock, check_output_dir, resolve_output_dir
 from .usage import SUBCOMMANDS, given_on_command_line, usage_error
 
-HELD: list[OutputLock] = []  # the output folder locks this process holds (released by diffinv.cli.main)
-OUTPUT: list[str] = []  # the output folder of the running subcommand, for the message of a stop by signal
-ITEMS: list[str] = []  # the ids of the running subcommand's items, for the same message
+
+@dataclass
+class RunState:
+    """What one run of :class:`DiffinvCLI` holds and has taken on, for its caller (:mod:`diffinv.run`) to tell
+    after a stop by signal and to release however the run ends: one per run, never shared."""
+
+    held: list[OutputLock] = field(default_factory=list)
+    """The output folder locks the run holds."""
+    output_dir: str | None = None
+    """The run's output folder, once checked and locked (None: nothing can have been written)."""
+    items: list[str] = field(default_factory=list)
+    """The ids of the run's items."""
+
+    def release(self) -> None:
+        """Release every lock the run holds (last taken, first released)."""
+        while self.held:
+            self.held.pop().release()
 
 
 def _launching_process() -> bool:
@@ -44,8 +60,14 @@ class DiffinvCLI(LightningCLI):
     (:func:`~diffinv.usage.usage_error`, not argparse's usage wall), the output folder resolved once, checked and
     locked before any work, and the method asked whether it runs under this subcommand."""
 
-    argv: list[str] = []
-    """The command line as parsed."""
+    argv: list[str]
+    """The command line as parsed (set by :meth:`parse_arguments`)."""
+
+    def __init__(self, *args, state: RunState, **kwargs):
+        """LightningCLI's arguments, and ``state``: where this run records its locks, output folder and items for
+        its caller (set before LightningCLI's constructor runs the subcommand)."""
+        self.state = state
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -79,11 +101,13 @@ class DiffinvCLI(LightningCLI):
             raise DiffinvError(usage_error(str(e), self.argv, known)) from None
 
     def after_instantiate_classes(self) -> None:
-        """The method learns whether ``--model.num_inference_steps`` was typed (a saved record is otherwise sampled
-        with its own step count)."""
+        """The method learns which of its options were typed on the command line (a saved record is sampled with
+        its own step count and pinned settings; a typed value against them is refused)."""
         super().after_instantiate_classes()
-        if hasattr(getattr(self, "model", None), "steps_given"):
-            self.model.steps_given = given_on_command_line(self.argv, "model.num_inference_steps")
+        model = getattr(self, "model", None)
+        if hasattr(model, "given"):
+            options = inspect.signature(type(model).__init__).parameters
+            model.given = frozenset(name for name in options if given_on_command_line(self.argv, f"model.{name}"))
 
     def before_instantiate_classes(self) -> None:
         """Resolve ``--output_dir`` once (``~`` expanded, made absolute; empty: refused in one line) and give that
@@ -110,9 +134,9 @@ class DiffinvCLI(LightningCLI):
         self.datamodule.run_settings = run_settings(config)
         self.datamodule.setup("fit" if self.subcommand == "fit" else "predict")
         if _launching_process():
-            HELD.append(OutputLock(config.output_dir).acquire())
-        OUTPUT[:] = [config.output_dir]
-        ITEMS[:] = [item.id for item in getattr(self.datamodule, "items", None) or []]
+            self.state.held.append(OutputLock(config.output_dir).acquire())
+        self.state.output_dir = config.output_dir
+        self.state.items = [item.id for item in getattr(self.datamodule, "items", None) or []]
         check = getattr(self.model, "check_subcommand", None)
         if check is not None:  # before the trainer writes anything (its logs): the method runs under this one?
             check(self.subcommand, getattr(self.datamodule, "items", None) or [])

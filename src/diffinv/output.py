@@ -3,6 +3,7 @@
 Layout::
 
     OUTPUT_DIR/metrics.jsonl              one JSON line per reconstruction / edit of the finished items
+                                          (strict JSON: a metric that is not finite is null, see json_line)
     OUTPUT_DIR/<id>/source.png            the image as inverted (after resizing/cropping)
     OUTPUT_DIR/<id>/reconstruction.png
     OUTPUT_DIR/<id>/edit-<k>.png          one per target prompt, k = 0, 1, ...
@@ -20,6 +21,8 @@ Rules:
 * **A rerun skips only the same work.** Each record stores its item's identity: the input image's digest, the
   prompts and the run's settings (method, model and every option that changes a result). A finished item is
   skipped when all of these match; otherwise the run stops in one line naming the item and what differs.
+* **Strict JSON.** metrics.jsonl and each item's metrics.json are read by any JSON reader: a value that is not
+  finite (NaN, +inf, -inf) is written ``null`` (:func:`json_line`), never a bare ``NaN`` or ``Infinity``.
 * **metrics.jsonl holds each finished item's lines exactly once**, in order of completion:
   :func:`reconcile_metrics` restores the lines a kill cut off, drops those of items no longer there, removes
   duplicates, and changes nothing when there is nothing to change (running it twice is running it once).
@@ -31,6 +34,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -301,15 +305,51 @@ def writing_results(output_dir: Path) -> Iterator[None]:
             + " (or choose another --output_dir) and run the same command again to do the rest") from None
 
 
+NOT_FINITE_TAGS = frozenset({"inf", "+inf", "-inf", "nan"})
+"""The strings a metric that is not finite may arrive as (the writer's PSNR: "inf" for identical images)."""
+
+
+def _finite_or_null(value, measured: bool):
+    """``value`` with every float that is not finite made None, searched through dicts and lists; where
+    ``measured`` (a metric's field), the strings of :data:`NOT_FINITE_TAGS` too (a caption "nan" stays)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if measured and isinstance(value, str) and value.lower() in NOT_FINITE_TAGS:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, measured) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v, measured) for v in value]
+    return value
+
+
+def strict_line(line: dict) -> dict:
+    """A metric line as diffinv writes it: every value that is not finite (NaN, +inf, -inf, or a metric's "inf"
+    or "nan" string) is None, i.e. JSON ``null``."""
+    return {k: _finite_or_null(v, MEASURED.fullmatch(k) is not None) for k, v in line.items()}
+
+
+def json_line(line: dict) -> str:
+    """``line`` as one line of metrics.jsonl (strict JSON, no newline; an item's metrics.json holds the same
+    :func:`strict_line` values).
+
+    ``null`` in a measured field means "not finite": identical images give PSNR inf (MSE 0), a metric of a
+    degenerate image may be NaN; any JSON reader accepts it, and a mean over a column must skip it (as
+    ``diffinv bench`` does, counting such values as not finite). Written with ``allow_nan=False``: a bare ``NaN``
+    or ``Infinity`` can never reach the file."""
+    return json.dumps(strict_line(line), allow_nan=False)
+
+
 def append_lines(output_dir: Path, lines: list[dict]) -> None:
     """Append one item's lines to metrics.jsonl (flock: the processes of a distributed run share the file); a
-    write that fails part-way is cut back, leaving no partial line."""
+    write that fails part-way is cut back, leaving no partial line. Each line is strict JSON (:func:`json_line`):
+    ``null`` means not finite (identical images give PSNR inf)."""
     with open(output_dir / INDEX, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             size = os.fstat(f.fileno()).st_size
             try:
-                f.write("".join(json.dumps(line) + "\n" for line in lines))
+                f.write("".join(json_line(line) + "\n" for line in lines))
                 f.flush()
                 os.fsync(f.fileno())
             except OSError:
@@ -341,7 +381,8 @@ def write_item(output_dir: Path, item_id: str, images: dict, lines: list[dict], 
         try:
             for name, image in images.items():
                 save_png(image, tmp / name)
-            (tmp / "metrics.json").write_text(json.dumps(lines, indent=1) + "\n")
+            strict = [strict_line(x) for x in lines]
+            (tmp / "metrics.json").write_text(json.dumps(strict, indent=1, allow_nan=False) + "\n")
             record.save(tmp / DONE_MARKER)
             publish_item(tmp, final)
         except BaseException:  # a stop (signal, full disk) part-way: leave no half-built item behind
@@ -440,11 +481,14 @@ def _reconcile(output_dir: Path) -> tuple[int, int]:
                     seen.add(x["image_path"])
                     lines.append(x)
         new += lines
-    new_text = "".join(json.dumps(line) + "\n" for line in new)
+    new_text = "".join(json_line(line) + "\n" for line in new)
     if new_text == old_text:
         return 0, 0
-    before = Counter(json.dumps(x, sort_keys=True) for x in old)
-    after = Counter(json.dumps(x, sort_keys=True) for x in new)
+
+    def key(x: dict) -> str:  # compared as written: an older file's bare NaN is the null it is rewritten as
+        return json.dumps(strict_line(x), sort_keys=True, allow_nan=False)
+
+    before, after = Counter(key(x) for x in old), Counter(key(x) for x in new)
     tmp = output_dir / f".{INDEX}.tmp"
     try:
         tmp.write_text(new_text)

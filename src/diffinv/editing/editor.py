@@ -36,7 +36,8 @@ class Row:
 class SampleRows(Protocol):
     def __call__(self, picked: list[int], z_start: Tensor, **options) -> Tensor:
         """Latents z_0 of the rows ``picked`` (indices into the run's rows) from ``z_start`` (one per picked row);
-        ``options`` go to :func:`diffinv.editing.sampler.sample` (``start_level``, ``controller``)."""
+        ``options``: ``start_level`` (start there instead of the records' own level, ``z_start`` being latents of
+        that level) and ``controller`` (Prompt-to-Prompt's, installed on the denoiser: told each step)."""
 
 
 @dataclass
@@ -57,6 +58,9 @@ class EditContext:
     """Every item's unconditional branch is its source prompt (NPI-like): Prompt-to-Prompt controls it too."""
     unet: object
     device: object
+    start_level: int
+    """The level the records' sampling starts from (N, or lower: DDPM inversion's skip, a strength): a run from
+    it samples that many steps."""
 
     def first_row(self, rows: list[Row]) -> dict[int, int]:
         """Each item's first row (its reconstruction: the source of its edits' attention)."""

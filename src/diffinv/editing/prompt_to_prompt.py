@@ -183,7 +183,9 @@ class PromptToPrompt(Editor):
         first = ctx.first_row(rows)
         controller = self.controller(
             ctx.tokenizer, sources=[ctx.sources[row.item] for row in rows], targets=[row.target for row in rows],
-            source_index=[first[row.item] for row in rows], num_steps=ctx.schedule.num_steps,
+            # the windows count the steps sampled, from the first one (the authors' code; a record may start below
+            # level N: DDPM inversion's skip, a strength)
+            source_index=[first[row.item] for row in rows], num_steps=ctx.start_level,
             latent_hw=tuple(starts.shape[-2:]), negative_is_source=ctx.negative_is_source).to(ctx.device)
         with attention_control(ctx.unet, controller):
             return run(list(range(len(rows))), starts, controller=controller)

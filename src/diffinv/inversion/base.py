@@ -1,16 +1,18 @@
 """The LightningModule every inversion method derives from: invert, then reconstruct and edit, under predict.
 
 The method-specific parts are small hooks: :meth:`InversionMethod.invert_latents` (what the method computes
-from the DDIM trajectory) and :meth:`InversionMethod.unconditional` (the unconditional branch of sampling).
-Everything else — preprocessing, batching, sampling, decoding, timing — is shared.
+from the DDIM trajectory, and its record's typed :class:`~diffinv.inversion.record.Sampling`), the unconditional
+branch it samples with, its guidance rule, and what its records pin. Everything else — preprocessing, batching,
+sampling a record as it was made, decoding, timing — is shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import lightning as L
 import torch
@@ -23,7 +25,8 @@ from ..editing.editor import EditContext, Editor, Row
 from ..editing.sampler import sample
 from ..errors import DiffinvError, check_at_least, check_finite
 from ..guidance import ClassifierFree, GuidanceRule, row_scale
-from .record import Inversion, check_record, coupled_code, start_level, stochastic_code
+from ..steps import Controlled, CoupledStep, DeterministicStep, Finite, Observe, Snap, Step, StochasticStep
+from .record import Inversion, Sampling, check_record
 from .result import ItemResult, optimization_summary
 
 
@@ -43,9 +46,10 @@ class InversionMethod(L.LightningModule):
     """Base of all inversion methods (not used directly: pick a subclass in the config)."""
 
     method_name: ClassVar[str] = "base"
-    steps_given: bool = False
-    """True where the user set ``--model.num_inference_steps`` on the command line (set by ``diffinv.cli``): a
-    saved record (``--data.records``) with another step count is then refused rather than sampled with its own."""
+    given: frozenset[str] = frozenset()
+    """The model options the user set on the command line (set by :mod:`diffinv.lightning_cli`). A saved record
+    (``--data.records``) is sampled with its own step count and pinned settings; one of those given here with
+    another value is refused rather than silently ignored."""
 
     def __init__(self, backbone: BackboneConfig | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, editor: Editor | None = None):
@@ -86,33 +90,40 @@ class InversionMethod(L.LightningModule):
     def invert_latents(self, z0: Tensor, source_emb: Tensor, schedule: Schedule, ids: list[str] | None = None) -> dict:
         """DDIM inversion at w = 1 with the source prompt (NPI eq. 3), then :meth:`optimize`. Returns Inversion
         fields per batch: ``trajectory`` (N + 1, B, ...) plus any of ``unconditional`` (B, N, L, D), ``z_T``,
-        ``extra``. ``ids``: the items' ids (a stochastic method seeds each item's noise with its id)."""
+        ``extra``, ``sampling`` (default: :meth:`sampling`). ``ids``: the items' ids (a stochastic method seeds
+        each item's noise with its id)."""
         with torch.no_grad():
-            trajectory = invert(lambda z, t: self.backbone.eps(z, t, source_emb), z0, schedule)
+            trajectory = invert(lambda z, t, alpha: self.backbone.eps(z, t, source_emb, alpha), z0, schedule)
         return {"trajectory": trajectory, **self.optimize(trajectory, source_emb, schedule)}
 
     def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
         """What an optimizing method learns from the trajectory; nothing for the optimization-free ones."""
         return {}
 
-    def unconditional(self, inversion: Inversion) -> Tensor:
-        """Unconditional embedding of this method's sampling: (L, D) or per step (N, L, D)."""
-        raise NotImplementedError
-
-    def unconditional_is_source(self, inversion: Inversion) -> bool:
-        """True where :meth:`unconditional` returns the source prompt's embedding (NPI): the reconstruction row's
-        two branches then coincide and are computed once."""
-        return False
+    unconditional_branch: ClassVar[Literal["null", "source"]] = "null"
+    """The unconditional branch of this method's sampling: the null prompt (CFG, NPI eq. 1) or the source prompt
+    (NPI section 3.4). A record with learned per-step embeddings (null-text inversion, latent-TOP) uses those."""
 
     def guidance(self, scale: float | Tensor, rows: list[Row], inversions: list[Inversion]) -> GuidanceRule:
         """The guidance of one sampling run over ``rows`` (of the items ``inversions``): classifier-free at
         ``scale`` (a number, or (B, 1, 1, 1) one per row); ProxNPI's proximal guidance overrides it."""
         return ClassifierFree(scale)
 
+    def reconstruction_rule(self) -> dict | None:
+        """What this method's guidance does to a reconstruction row beyond classifier-free guidance (ProxNPI's
+        proximal settings), pinned in its records; None: nothing."""
+        return None
+
     def snaps_source(self) -> bool:
         """True where sampling puts each reconstruction (source) row back onto its inversion trajectory after
         every step (DirectInversion), so the source branch the edits read is exact."""
         return False
+
+    def sampling(self) -> Sampling:
+        """How this method's records are sampled (:class:`~diffinv.inversion.record.Sampling`); a method with
+        its own step rule (CycleDiffusion, EDICT) returns it from :meth:`invert_latents` instead."""
+        return Sampling(guidance_scale=float(self.guidance_scale), unconditional=self.unconditional_branch,
+                        snap_source=self.snaps_source(), rule=self.reconstruction_rule())
 
     # --- pipeline ---------------------------------------------------------------------------------------------
     def fitted_image(self, item: Item):
@@ -122,10 +133,13 @@ class InversionMethod(L.LightningModule):
 
     def invert_items(self, items: list[Item], images: Tensor) -> list[Inversion]:
         """Invert a batch of same-size images; one Inversion per item."""
-        schedule = self.backbone.schedule(self.num_inference_steps)
-        source_emb = self.backbone.encode_prompts([i.source_prompt for i in items])
         z0 = self.backbone.encode_image(images)
+        schedule = self.backbone.schedule(self.num_inference_steps, latent_size=tuple(z0.shape[-2:]))
+        source_emb = self.backbone.encode_prompts([i.source_prompt for i in items])
         out = self.invert_latents(z0, source_emb, schedule, ids=[i.id for i in items])
+        sampling = out.get("sampling") or self.sampling()
+        if "unconditional" in out:
+            sampling = dataclasses.replace(sampling, unconditional="learned")
         records = []
         for b, item in enumerate(items):
             records.append(Inversion(
@@ -141,6 +155,7 @@ class InversionMethod(L.LightningModule):
                 z_T=out["z_T"][b] if "z_T" in out else None,
                 extra={k: v[b] for k, v in out.get("extra", {}).items()},
                 meta=dict(out.get("meta", {})),  # one dict per record: run_items adds per-item entries
+                sampling=sampling,
             ))
         return records
 
@@ -154,60 +169,76 @@ class InversionMethod(L.LightningModule):
         n = inversions[0].num_steps
         if any(inv.num_steps != n for inv in inversions):
             raise DiffinvError("inversions with different step counts cannot be sampled in one batch")
-        schedule = self.backbone.schedule(n)
+        sizes = {tuple(inv.z0.shape[-2:]) for inv in inversions}
+        if len(sizes) > 1:
+            raise DiffinvError("inversions of different latent sizes cannot be sampled in one batch")
+        schedule = self.backbone.schedule(n, latent_size=sizes.pop())
         if not torch.equal(schedule.timesteps.cpu(), inversions[0].timesteps.cpu()):
             raise DiffinvError(f"the inversion's timesteps do not match this model's {n}-step schedule "
                                "(was it made with another model or scheduler?)")
         rows = [row for g, (inv, targets) in enumerate(zip(inversions, target_prompts))
                 for row in [Row(g, inv.source_prompt, None), *(Row(g, t, t) for t in targets)]]
         dev = self.device
-        uncond = [self.unconditional(inv).to(dev) for inv in inversions]
-        if any(u.dim() == 3 for u in uncond):
-            uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
-        codes = [stochastic_code(inv) for inv in inversions]
-        pairs = [coupled_code(inv) for inv in inversions]
-        levels = {start_level(inv) for inv in inversions}
-        # A record may pin the guidance scale its reconstruction needs (CycleDiffusion encodes at its own).
-        recon_w = [float(inv.meta.get("reconstruction_guidance_scale", self.guidance_scale)) for inv in inversions]
+        plans = self.check_plans(inversions)
+        level = inversions[0].start_level
+        null = self.backbone.encode_prompts([""])[0].to(dev)
+
+        def uncond_of(row: Row) -> Tensor:
+            """A row's unconditional branch: the record's own for its reconstruction, this method's for its edits
+            (a record's learned per-step embeddings for both)."""
+            inv, plan = inversions[row.item], plans[row.item]
+            if plan.unconditional == "learned":
+                return inv.unconditional.to(dev)
+            kind = self.unconditional_branch if row.is_edit else plan.unconditional
+            return self.backbone.encode_prompts([inv.source_prompt])[0].to(dev) if kind == "source" else null
+
+        def is_cond(row: Row) -> bool:
+            """The reconstruction row of a record whose unconditional branch is its source prompt: computed once."""
+            return not row.is_edit and plans[row.item].unconditional == "source"
 
         def row_guidance(picked_rows: list[Row]) -> float | Tensor:
-            ws = [self.guidance_scale if row.is_edit else recon_w[row.item] for row in picked_rows]
+            ws = [self.guidance_scale if row.is_edit else plans[row.item].guidance_scale for row in picked_rows]
             return ws[0] if len(set(ws)) == 1 else torch.tensor(ws)
 
-        kinds = {(None if c is None else c[1], None if p is None else p[1]) for c, p in zip(codes, pairs)}
-        if len(kinds) > 1:
-            raise DiffinvError("records of stochastic (CycleDiffusion, DDPM), coupled (EDICT) and deterministic "
-                               "inversions, or of different eta or mixing, cannot be sampled in one batch")
-        if len(levels) > 1:
-            raise DiffinvError("records that start sampling at different levels (DDPM inversion's skip) cannot be "
-                               "sampled in one batch")
-        level = levels.pop()
+        def step_rule(sel: list[Row], z_start: Tensor, from_editor: bool) -> Step:
+            """The records' step rule for the rows ``sel`` (a run from the editor's own level starts EDICT's second
+            sequence at the same latents)."""
+            plan = plans[0]
+            if plan.step == "stochastic":
+                noise = torch.stack([inversions[row.item].extra["step_noise"] for row in sel], dim=1).to(dev)
+                return StochasticStep(eta=plan.eta, noise=noise, variance=plan.variance)
+            if plan.step == "coupled":
+                y = None if from_editor else torch.stack([inversions[row.item].extra["edict_y_T"] for row in sel])
+                return CoupledStep(mix=plan.mix, y_start=None if y is None else y.to(dev), leapfrog=plan.leapfrog)
+            return DeterministicStep()
 
-        def run(picked: list[int], z_start: Tensor, **kw) -> Tensor:
+        def run(picked: list[int], z_start: Tensor, controller=None, start_level: int | None = None) -> Tensor:
             """Sample the rows ``picked`` from ``z_start`` (diffinv.editing.editor.SampleRows)."""
             sel = [rows[r] for r in picked]
-            if level < n:
-                kw.setdefault("start_level", level)  # the record's own start (DDPM inversion's T - T_skip)
-            u = torch.stack([uncond[row.item] for row in sel], dim=1 if uncond[0].dim() == 3 else 0)
+            top = level if start_level is None else start_level
+            uncond = [uncond_of(row) for row in sel]
+            if any(u.dim() == 3 for u in uncond):
+                uncond = [u if u.dim() == 3 else u.expand(n, *u.shape) for u in uncond]
+            recon_cond = torch.tensor([is_cond(row) for row in sel], device=dev)
+            hooks = [Finite(n, schedule.timesteps)]
+            snap = torch.tensor([not row.is_edit and plans[row.item].snap_source for row in sel], device=dev)
+            if bool(snap.any()):
+                hooks.append(Snap(snap, torch.stack([inversions[row.item].trajectory for row in sel], dim=1).to(dev)))
+            if controller is not None:
+                controller.set_unconditional_rows(~recon_cond)
+                hooks.append(Controlled(controller, top))
+            if observe is not None:
+                hooks.append(Observe(lambda k, z, keep: observe(sel, k, z, keep)))
             return sample(
                 self.backbone, schedule,
                 z_T=z_start,
                 cond=self.backbone.encode_prompts([row.prompt for row in sel]),
-                uncond=u,
+                uncond=torch.stack(uncond, dim=1 if uncond[0].dim() == 3 else 0),
                 guidance=self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions),
-                uncond_is_cond=torch.tensor([not row.is_edit and self.unconditional_is_source(inversions[row.item])
-                                             for row in sel], device=dev),
-                eta=0.0 if codes[0] is None else codes[0][1],
-                step_noise=(None if codes[0] is None
-                            else torch.stack([codes[row.item][0] for row in sel], dim=1).to(dev)),
-                snap_rows=torch.tensor([not row.is_edit and self.snaps_source() for row in sel], device=dev),
-                trajectory=(torch.stack([inversions[row.item].trajectory for row in sel], dim=1).to(dev)
-                            if self.snaps_source() else None),
-                coupled=(None if pairs[0] is None  # a run from a lower level (SDEdit) starts both sequences there
-                         else (z_start if "start_level" in kw
-                               else torch.stack([pairs[row.item][0] for row in sel]).to(dev), pairs[0][1])),
-                observe=None if observe is None else (lambda k, z, keep: observe(sel, k, z, keep)),
-                **kw,
+                step=step_rule(sel, z_start, start_level is not None),
+                hooks=hooks,
+                uncond_is_cond=recon_cond,
+                start_level=None if top == n else top,
             )
 
         start_of = [inv.trajectory[level] if level < n else inv.start_latent for inv in inversions]
@@ -216,8 +247,9 @@ class InversionMethod(L.LightningModule):
             tokenizer=self.backbone.tokenizer, schedule=schedule, item_ids=ids,
             sources=[inv.source_prompt for inv in inversions], z0=[inv.z0 for inv in inversions],
             trajectories=[inv.trajectory for inv in inversions],
-            negative_is_source=all(self.unconditional_is_source(inv) for inv in inversions),
-            unet=self.backbone.unet, device=dev)
+            negative_is_source=self.unconditional_branch == "source" and all(
+                plan.unconditional == "source" for plan in plans),
+            unet=self.backbone.unet, device=dev, start_level=level)
         latents = (self.editor or Editor()).sample(run, rows, starts, ctx)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
@@ -225,6 +257,37 @@ class InversionMethod(L.LightningModule):
             out.append((latents[start], list(latents[start + 1 : start + count])))
             start += count
         return out
+
+    def check_plans(self, inversions: list[Inversion]) -> list[Sampling]:
+        """The records' sampling, refused in one line where one batch cannot sample them together (other step
+        rules or start levels) or where this method cannot reproduce a record's reconstruction."""
+        plans = [inv.plan for inv in inversions]
+        kinds = {(p.step, p.eta if p.step == "stochastic" else None, p.variance if p.step == "stochastic" else None,
+                  p.mix if p.step == "coupled" else None, p.leapfrog) for p in plans}
+        if len(kinds) > 1:
+            raise DiffinvError("records of stochastic (CycleDiffusion, DDPM), coupled (EDICT) and deterministic "
+                               "inversions, or of different eta or mixing, cannot be sampled in one batch")
+        if len({inv.start_level for inv in inversions}) > 1:
+            raise DiffinvError("records that start sampling at different levels (DDPM inversion's skip, a strength) "
+                               "cannot be sampled in one batch")
+        for inv in inversions:
+            self.check_reproducible(inv)
+        return plans
+
+    def pinned(self, plan: Sampling) -> dict[str, tuple[object, object]]:
+        """{option: (this config's value, the record's)} for this method's options that a record of its kind
+        pins (CycleDiffusion's eta, EDICT's mix, ...); none here."""
+        return {}
+
+    def check_reproducible(self, record: Inversion) -> None:
+        """Refuse a record whose reconstruction this method cannot sample as it was made (ProxNPI's pull under
+        other settings, or by a method without it)."""
+        rule = record.plan.rule
+        if rule is not None and rule != self.reconstruction_rule():
+            name = f"inversion record {record.path}" if record.path is not None else "the inversion record"
+            raise DiffinvError(f"{name} ({record.method}) reconstructs under guidance settings {rule} that "
+                               f"{self.method_name}'s config does not reproduce: edit it with its own method and "
+                               "settings")
 
     def check_items(self, items: list[Item]) -> None:
         """Before any work: the step count fits the model's scheduler, the editor can take every item's prompts
@@ -249,13 +312,16 @@ class InversionMethod(L.LightningModule):
                 self.check_saved(Inversion.load(item.inversion))
 
     def check_saved(self, record: Inversion) -> None:
-        """A saved record this model can sample (:func:`~diffinv.inversion.record.check_record`), with the step
-        count the user asked for, if they did."""
+        """A saved record this model can sample (:func:`~diffinv.inversion.record.check_record`) and this method
+        can reproduce, with no option typed against its own values (the step count, :meth:`pinned`)."""
         check_record(record, self.backbone)
-        if self.steps_given and record.num_steps != self.num_inference_steps:
-            raise DiffinvError(f"inversion record {record.path} was inverted with {record.num_steps} steps, not "
-                               f"--model.num_inference_steps {self.num_inference_steps}: a record is sampled with "
-                               f"its own steps; drop the option or give {record.num_steps}")
+        self.check_reproducible(record)
+        pinned = {"num_inference_steps": (self.num_inference_steps, record.num_steps), **self.pinned(record.plan)}
+        for option, (mine, theirs) in pinned.items():
+            if option in self.given and mine != theirs:
+                raise DiffinvError(f"inversion record {record.path} was made with {option} {theirs}, not "
+                                   f"--model.{option} {mine}: a record is re-edited with its own {option}; drop the "
+                                   f"option or give {theirs}")
 
     def check_subcommand(self, subcommand: str, items: list[Item]) -> None:
         """Before the trainer starts (nothing written yet but the output lock): the method runs under this

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from .base import InversionMethod
-from .record import Inversion
 
 
 class DDIMInversion(InversionMethod):
@@ -17,7 +14,3 @@ class DDIMInversion(InversionMethod):
 
     method_name = "ddim"
 
-    def unconditional(self, inversion: Inversion) -> Tensor:
-        if inversion.unconditional is not None:
-            return inversion.unconditional
-        return self.backbone.encode_prompts([""])[0]  # the null-text embedding (NPI eq. 1)

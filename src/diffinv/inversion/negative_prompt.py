@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -22,23 +24,17 @@ class NegativePromptInversion(InversionMethod):
 
     method_name = "npi"
 
-    def unconditional(self, inversion: Inversion) -> Tensor:
-        if inversion.unconditional is not None:
-            return inversion.unconditional
-        return self.backbone.encode_prompts([inversion.source_prompt])[0]  # null_t := C (NPI section 3.4)
-
-    def unconditional_is_source(self, inversion: Inversion) -> bool:
-        return inversion.unconditional is None
+    unconditional_branch = "source"  # null_t := C (NPI section 3.4)
 
 
 class ProximalNegativePromptInversion(NegativePromptInversion):
     """ProxNPI: NPI whose guidance delta eps_tar - eps_src goes through a proximal operator (Alg. 1), with
     reconstruction and inversion guidance restoring the unedited region.
 
-    The operator acts on the edit rows' delta only. On a saved null-text or latent-TOP record (``--data.records``)
-    eps_src is the record's per-step null embedding's prediction: the edits are thresholded against it, and the
-    reconstruction row stays the record's own CFG reconstruction, pulled towards the source latent by the
-    guidances (its whole image counts as unedited)."""
+    The operator acts on the edit rows' delta only. On its own records the guidances pull the reconstruction row
+    too (its whole image counts as unedited; the settings are pinned in the record). On another method's record
+    (``--data.records``, e.g. null-text inversion's) eps_src is the record's own unconditional prediction: the
+    edits are thresholded against it, and the reconstruction row stays the record's own, not pulled."""
 
     method_name = "proxnpi"
 
@@ -65,6 +61,14 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
 
             raise DiffinvError(f"proximal.quantile must be in [0, 1], got {self.proximal.quantile}")
 
+    def reconstruction_rule(self) -> dict | None:
+        """The proximal settings: the guidances pull this method's reconstruction rows too (their whole image
+        counts as unedited), so a record pins them."""
+        config = self.proximal
+        if not (config.reconstruction_guidance or config.inversion_guidance):
+            return None
+        return dataclasses.asdict(config)
+
     def guidance(self, scale: float | Tensor, rows: list[Row], inversions: list[Inversion]) -> GuidanceRule:
         """Alg. 1's proximal guidance over the run's rows: each row's item (the threshold's scope 'item'), which
         rows are edits, and their source latents and trajectories (reconstruction and inversion guidance)."""
@@ -73,6 +77,9 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
             self.proximal, scale,
             groups=torch.tensor([row.item for row in rows], device=dev),
             edit_rows=torch.tensor([row.is_edit for row in rows], device=dev),
+            # another method's record keeps its own reconstruction: its row is not pulled
+            unguided_rows=torch.tensor([not row.is_edit and inversions[row.item].plan.rule is None for row in rows],
+                                       device=dev),
             z0=torch.stack([inversions[row.item].z0 for row in rows]).to(dev),
             trajectory=torch.stack([inversions[row.item].trajectory for row in rows], dim=1).to(dev),
         )

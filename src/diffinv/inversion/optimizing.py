@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from ..backbone import BackboneConfig
 from ..data import Item
 from ..editing.editor import Editor
 from ..errors import DiffinvError
 from .base import InversionMethod
-from .record import Inversion
 from .result import ItemResult
 
 
@@ -41,10 +39,6 @@ class OptimizingInversion(InversionMethod):
         if self.gradient_checkpointing and not unet.is_gradient_checkpointing:
             unet.enable_gradient_checkpointing()  # acts only where gradients are taken: sampling is unchanged
 
-    def unconditional(self, inversion: Inversion) -> Tensor:
-        if inversion.unconditional is not None:
-            return inversion.unconditional
-        return self.backbone.encode_prompts([""])[0]
 
     def training_step(self, batch: list[Item], batch_idx: int):
         self.last_results = self.run_batch(batch)

@@ -2,23 +2,119 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
+from ..ddim import Variance
 from ..errors import DiffinvError
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
 
-FORMAT = "diffinv.inversion/1"
+FORMAT = "diffinv.inversion/2"
+"""Version 2 adds the typed ``sampling`` entry; version 1 records (sampling read from their method and ``meta``)
+stay readable."""
+_READABLE = ("diffinv.inversion/1", FORMAT)
 _TENSORS = ("z0", "trajectory", "timesteps", "source_image")
+
+StepKind = Literal["ddim", "stochastic", "coupled"]
+Unconditional = Literal["null", "source", "learned"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a record is sampled to reproduce its reconstruction: what any method editing it must use. Saved as a
+    typed JSON object in the record's metadata."""
+
+    step: StepKind = "ddim"
+    """The step rule: deterministic DDIM; 'stochastic' DDIM with the stored noise ``extra.step_noise`` (CycleDiffusion,
+    DDPM inversion); 'coupled' EDICT sequences from ``extra.edict_y_T``."""
+    eta: float = 0.0
+    """'stochastic': eta of DDIM eq. 16."""
+    variance: Variance = "ddim"
+    """'stochastic': how the step's direction coefficient subtracts the variance (:data:`diffinv.ddim.Variance`):
+    'ddim' (DDIM eq. 12/16) or 'authors' (edit-friendly DDPM inversion's code); the stored noise absorbs either, so
+    the record is sampled with its own. Records without it (version 1, older version 2) read as 'ddim'."""
+    mix: float = 0.93
+    """'coupled': EDICT's mixing weight p."""
+    leapfrog: bool = False
+    """'coupled': EDICT's alternating update order (the authors' code): the y sequence is stepped first at the
+    levels k with (start level - k) odd, see :mod:`diffinv.inversion.edict`."""
+    start_level: int | None = None
+    """The level sampling starts from; None: N (DDPM inversion's T - T_skip, EDICT's and CycleDiffusion's
+    strength start lower)."""
+    guidance_scale: float = 7.5
+    """The reconstruction row's classifier-free guidance scale."""
+    unconditional: Unconditional = "null"
+    """The reconstruction row's unconditional branch: the null prompt, the source prompt (NPI), or the record's
+    per-step embeddings (null-text inversion, latent-TOP; they serve the edit rows too)."""
+    snap_source: bool = False
+    """The reconstruction row is put back onto the trajectory after every step (DirectInversion)."""
+    rule: dict | None = None
+    """The reconstruction row's guidance corrections beyond classifier-free guidance (ProxNPI's proximal settings),
+    None: none."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Sampling":
+        """Read back :meth:`to_json`; a wrong type or an unknown key raises ValueError naming it."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"sampling is {type(data).__name__}, expected an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"sampling has unknown entries {', '.join(unknown)}")
+        return cls(**data)
+
+    def problem(self, num_steps: int) -> str | None:
+        """What makes these values unusable for a record of ``num_steps`` steps (the end of a sentence), or None."""
+        kinds = {"step": ("ddim", "stochastic", "coupled"), "unconditional": ("null", "source", "learned"),
+                 "variance": ("ddim", "authors")}
+        for name, allowed in kinds.items():
+            if getattr(self, name) not in allowed:
+                return f"has sampling {name} {getattr(self, name)!r}, expected one of {', '.join(allowed)}"
+        for name in ("eta", "mix", "guidance_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"has sampling {name} {value!r}, expected a finite number"
+        if not 0 <= self.eta <= 1 or not 0 < self.mix < 1 or self.guidance_scale < 0:
+            return (f"has sampling eta {self.eta}, mix {self.mix}, guidance_scale {self.guidance_scale}: expected "
+                    "eta in [0, 1], mix in (0, 1), guidance_scale >= 0")
+        level = self.start_level
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= num_steps):
+            return f"has sampling start_level {level!r}, expected a level in 1..{num_steps}"
+        if not isinstance(self.snap_source, bool) or not isinstance(self.leapfrog, bool):
+            return "has sampling snap_source or leapfrog that is not true or false"
+        if self.rule is not None and not isinstance(self.rule, dict):
+            return f"has sampling rule {self.rule!r}, expected an object or null"
+        return None
+
+
+def legacy_sampling(method: str, guidance_scale: float, meta: dict, extra: dict, learned: bool) -> Sampling:
+    """The sampling of a version-1 record, which kept it in its method name and untyped ``meta`` strings (all made
+    before EDICT's leapfrog order and DDPM inversion's authors' variance: those read as off and 'ddim')."""
+    step = "stochastic" if "step_noise" in extra else "coupled" if "edict_y_T" in extra else "ddim"
+    level = meta.get("start_level")
+    return Sampling(
+        step=step,
+        eta=float(meta.get("eta", 1.0)) if step == "stochastic" else 0.0,
+        mix=float(meta.get("mix", 0.93)),
+        start_level=None if level is None else int(level),
+        guidance_scale=float(meta.get("reconstruction_guidance_scale", guidance_scale)),
+        unconditional="learned" if learned else "source" if method in ("npi", "proxnpi") else "null",
+        snap_source=method == "direct_inversion",
+    )
 
 
 @dataclass
@@ -44,7 +140,10 @@ class Inversion:
     extra: dict[str, Tensor] = field(default_factory=dict)
     """Method-specific tensors (e.g. learned biases), saved as 'extra.<name>'."""
     meta: dict[str, str] = field(default_factory=dict)
-    """Method-specific metadata (strings), saved as JSON."""
+    """Annotations (strings), saved as JSON: the target prompts, the run identity; nothing sampling reads."""
+    sampling: Sampling | None = None
+    """How to sample it (:class:`Sampling`); None: plain DDIM with the null prompt at ``guidance_scale`` (a record
+    made in memory by hand)."""
     path: Path | None = field(default=None, compare=False, repr=False)
     """The file :meth:`load` read it from (None: made in this process); its errors name it. Not saved."""
 
@@ -55,6 +154,19 @@ class Inversion:
     @property
     def start_latent(self) -> Tensor:
         return self.trajectory[-1] if self.z_T is None else self.z_T
+
+    @property
+    def plan(self) -> Sampling:
+        """Its sampling, the default one where none was given (a record made by hand)."""
+        if self.sampling is not None:
+            return self.sampling
+        return Sampling(guidance_scale=float(self.guidance_scale),
+                        unconditional="learned" if self.unconditional is not None else "null")
+
+    @property
+    def start_level(self) -> int:
+        """The level sampling starts from: N, or lower where its sampling says so."""
+        return self.num_steps if self.plan.start_level is None else self.plan.start_level
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): a crash never leaves a half-written record."""
@@ -74,6 +186,7 @@ class Inversion:
             "num_inference_steps": str(self.num_steps),
             "image_size": json.dumps(list(self.source_image.shape[-2:])),
             "meta": json.dumps(self.meta),
+            "sampling": self.plan.to_json(),
         }
         from safetensors.torch import save_file
 
@@ -96,8 +209,9 @@ class Inversion:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise DiffinvError(f"inversion record {path} is corrupt or not a safetensors file ({e})") from None
-        if metadata.get("format") != FORMAT:
-            raise DiffinvError(f"{path} is not a diffinv inversion record (format {metadata.get('format')!r}, expected {FORMAT!r})")
+        if metadata.get("format") not in _READABLE:
+            raise DiffinvError(f"{path} is not a diffinv inversion record (format {metadata.get('format')!r}, "
+                               f"expected {FORMAT!r})")
         missing = [k for k in _TENSORS if k not in tensors]
         if missing:
             raise DiffinvError(f"inversion record {path} is incomplete: it lacks {', '.join(missing)}")
@@ -109,6 +223,15 @@ class Inversion:
             raise DiffinvError(f"inversion record {path} is inconsistent: trajectory {tuple(tensors['trajectory'].shape)} "
                                f"for {n} steps and z0 {tuple(tensors['z0'].shape)}")
         try:
+            extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+            meta = json.loads(metadata.get("meta", "{}"))
+            problem = _legacy_meta_problem(meta) if metadata["format"] != FORMAT else None
+            if problem is not None:
+                raise DiffinvError(f"inversion record {path} {problem}: it was altered or damaged; invert the image "
+                                   "again")
+            sampling = (Sampling.from_json(metadata["sampling"]) if metadata["format"] == FORMAT
+                        else legacy_sampling(metadata["method"], float(metadata["guidance_scale"]), meta, extra,
+                                             "unconditional" in tensors))
             record = cls(
                 **{k: tensors[k] for k in _TENSORS},
                 source_prompt=metadata["source_prompt"],
@@ -117,11 +240,12 @@ class Inversion:
                 guidance_scale=float(metadata["guidance_scale"]),
                 unconditional=tensors.get("unconditional"),
                 z_T=tensors.get("z_T"),
-                extra={k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")},
-                meta=json.loads(metadata.get("meta", "{}")),
+                extra=extra,
+                meta=meta,
+                sampling=sampling,
                 path=path,
             )
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise DiffinvError(f"inversion record {path} has broken metadata ({e})") from None
         problem = record_problem(record)
         if problem is not None:
@@ -168,20 +292,16 @@ def record_problem(record: Inversion) -> str | None:
             return f"has NaN or infinite values in {name}"
     if not math.isfinite(record.guidance_scale) or record.guidance_scale < 0:
         return f"has guidance_scale {record.guidance_scale}, expected a finite number >= 0"
-    for key in ("eta", "mix", "reconstruction_guidance_scale"):
-        if key in record.meta:
-            try:
-                value = float(record.meta[key])
-            except (TypeError, ValueError):
-                return f"has meta {key} {record.meta[key]!r}, expected a number"
-            if not math.isfinite(value):
-                return f"has meta {key} {value}, expected a finite number"
-    if "start_level" in record.meta:
-        level = record.meta["start_level"]
-        if not (isinstance(level, (str, int)) and str(level).strip().lstrip("-").isdigit()):
-            return f"has meta start_level {level!r}, expected an integer step level"
-        if not 0 <= int(level) <= n:
-            return f"has meta start_level {level}, expected a level in 0..{n}"
+    plan = record.plan
+    problem = plan.problem(n)
+    if problem is not None:
+        return problem
+    needs = {"stochastic": ("extra.step_noise", record.extra.get("step_noise")),
+             "coupled": ("extra.edict_y_T", record.extra.get("edict_y_T"))}
+    if plan.step in needs and needs[plan.step][1] is None:
+        return f"is sampled with the {plan.step} step but lacks {needs[plan.step][0]}"
+    if plan.unconditional == "learned" and record.unconditional is None:
+        return "is sampled with learned unconditional embeddings but holds none"
     return None
 
 
@@ -220,27 +340,20 @@ def check_record(record: Inversion, backbone: "Backbone") -> None:
                            "model and scheduler it was made with (--model.backbone.pretrained)")
 
 
-# --- what a record tells sampling (any method samples any record with it) ---------------------------------
-
-
-def stochastic_code(inv: Inversion) -> tuple[Tensor, float] | None:
-    """(N, C, h, w) noise sigma_k n_k that sampling adds after the step from level k (index k - 1), and the eta of
-    that stochastic DDIM, where the record holds them (CycleDiffusion's latent code: any method samples such a
-    record with it, edits sharing their source's noise); None: deterministic DDIM."""
-    if "step_noise" not in inv.extra:
-        return None
-    return inv.extra["step_noise"], float(inv.meta.get("eta", 1.0))
-
-
-def coupled_code(inv: Inversion) -> tuple[Tensor, float] | None:
-    """EDICT's second sequence's start y_T and the mixing weight p, where the record holds them (any method then
-    samples it with the coupled sampler); None: a single sequence."""
-    if "edict_y_T" not in inv.extra:
-        return None
-    return inv.extra["edict_y_T"], float(inv.meta.get("mix", 0.93))
-
-
-def start_level(inv: Inversion) -> int:
-    """The level sampling starts from: N, or fewer where the record says so (DDPM inversion's T - T_skip: the
-    start latent is then the trajectory's latent of that level)."""
-    return int(inv.meta.get("start_level", inv.num_steps))  # checked by record_problem when loaded
+def _legacy_meta_problem(meta) -> str | None:
+    """What makes a version-1 record's untyped sampling entries unreadable (the end of a sentence), or None."""
+    if not isinstance(meta, dict):
+        return f"has meta of type {type(meta).__name__}, expected a JSON object (a dict)"
+    for key in ("eta", "mix", "reconstruction_guidance_scale"):
+        if key in meta:
+            try:
+                value = float(meta[key])
+            except (TypeError, ValueError):
+                return f"has meta {key} {meta[key]!r}, expected a number"
+            if not math.isfinite(value):
+                return f"has meta {key} {value}, expected a finite number"
+    if "start_level" in meta:
+        level = meta["start_level"]
+        if not (isinstance(level, (str, int)) and str(level).strip().lstrip("-").isdigit()):
+            return f"has meta start_level {level!r}, expected an integer step level"
+    return None
