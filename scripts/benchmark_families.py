@@ -5,6 +5,7 @@ Each (family, method) runs in a fresh process: three 16-px images, N steps, one 
 (conditioning, packing, the flow conversion); a real model's speed is its denoiser's (scripts/benchmark_speed.py).
 
     python scripts/benchmark_families.py --steps 20
+    python scripts/benchmark_families.py --round-trip   # flow inversion: converting at the latent's level or not
 """
 
 from __future__ import annotations
@@ -50,11 +51,44 @@ def measure(folder: str, method: str, steps: int) -> dict:
     return {"seconds_per_item": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def round_trip(folder: str) -> None:
+    """DDIM inversion then sampling at w = 1 on a flow model: mean |z0 - back| when the inversion converts the
+    velocity at the latent's own level (diffinv) and at the timestep's (diffinv before 0.2)."""
+    import torch
+
+    from diffinv.backbone import Backbone, BackboneConfig
+    from diffinv.ddim import invert
+    from diffinv.editing.sampler import sample
+
+    torch.set_num_threads(1)
+    bb = Backbone.load(BackboneConfig(pretrained=folder))
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompts(["a photo of a cat"])
+    print("| steps | latent's level | timestep's level |\n|---|---|---|")
+    with torch.no_grad():
+        for n in (10, 20, 50):
+            s = bb.schedule(n)
+            errors = []
+            for eps in (lambda z, t, a: bb.eps(z, t, cond, a), lambda z, t, a: bb.eps(z, t, cond)):
+                back = sample(bb, s, invert(eps, z0, s)[-1], cond, cond, 1.0)
+                errors.append(float((back - z0).abs().mean()))
+            print(f"| {n} | {errors[0]:.4f} | {errors[1]:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--round-trip", action="store_true",
+                        help="instead: the inversion round trip on the tiny SD 3 (mean |z0 - back| at w = 1)")
     args = parser.parse_args(argv)
+    if args.round_trip:
+        sys.path.insert(0, str(REPO / "tests"))
+        import tiny_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            round_trip(str(tiny_model.build_tiny_sd3(Path(tmp) / "sd3")))
+        return 0
     if args.measure:
         print(json.dumps(measure(*args.measure, args.steps)))
         return 0

@@ -19,7 +19,7 @@ from diffinv.inversion.edict import edict_invert
 from diffinv.inversion.record import Inversion, Sampling
 from diffinv.steps import CoupledStep, StochasticStep
 from diffinv.steps.coupled import y_first
-from test_compared_methods import guided_fn, latents64
+from test_compared_methods import guided_fn, latents64, paired
 from test_methods import item
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +99,13 @@ def test_leapfrog_round_trip_is_exact_for_any_step_count(bb64, prompts, top):
     schedule = bb64.schedule(STEPS)
     z0 = latents64()
     eps = guided_fn(bb64, *prompts, 3.0)
-    xs, y = edict_invert(eps, z0, schedule, P, top=top, leapfrog=True)
+    xs, y = edict_invert(paired(eps), z0, schedule, P, top=top, leapfrog=True)
     assert xs.shape == (STEPS + 1, *z0.shape) and bool((xs[top + 1:] == xs[top]).all())
     start = None if top == STEPS else top
     z = sample(bb64, schedule, xs[top], *prompts, 3.0, step=CoupledStep(mix=P, y_start=y, leapfrog=True),
                start_level=start)
     torch.testing.assert_close(z, z0, atol=1e-10, rtol=0)
-    plain_xs, plain_y = edict_invert(eps, z0, schedule, P, top=top)
+    plain_xs, plain_y = edict_invert(paired(eps), z0, schedule, P, top=top)
     assert (plain_xs[top] - xs[top]).abs().max() > 1e-6  # another order, other latents
     wrong = sample(bb64, schedule, xs[top], *prompts, 3.0, step=CoupledStep(mix=P, y_start=y), start_level=start)
     assert (wrong - z0).abs().max() > 1e-6  # the paper's order does not undo the leapfrog inversion
@@ -116,7 +116,7 @@ def test_leapfrog_sampler_and_inversion_match_the_authors_loops(bb64, prompts, t
     schedule = bb64.schedule(STEPS)
     z0 = latents64(1)
     eps = guided_fn(bb64, *prompts, 3.0)
-    xs, y = edict_invert(eps, z0, schedule, P, top=top, leapfrog=True)
+    xs, y = edict_invert(paired(eps), z0, schedule, P, top=top, leapfrog=True)
     theirs = salesforce_edict_invert(eps, z0, schedule, top, P)
     torch.testing.assert_close(xs[top], theirs[0], atol=1e-12, rtol=0)
     torch.testing.assert_close(y, theirs[1], atol=1e-12, rtol=0)
@@ -162,10 +162,10 @@ def test_edict_strength_is_exact_in_float64(bb64, prompts):
     schedule = bb64.schedule(STEPS)
     z0 = latents64(2)
     eps = guided_fn(bb64, *prompts, 3.0)
-    xs, y = edict_invert(eps, z0, schedule, P, top=3)
+    xs, y = edict_invert(paired(eps), z0, schedule, P, top=3)
     z = sample(bb64, schedule, xs[3], *prompts, 3.0, step=CoupledStep(mix=P, y_start=y), start_level=3)
     torch.testing.assert_close(z, z0, atol=1e-10, rtol=0)
-    full, _ = edict_invert(eps, z0, schedule, P)
+    full, _ = edict_invert(paired(eps), z0, schedule, P)
     torch.testing.assert_close(full[:4], xs[:4], atol=0, rtol=0)  # the same levels up to L
 
 

@@ -29,6 +29,11 @@ def guided_fn(bb, cond, null, w):
     return guided
 
 
+def paired(eps_fn):
+    """An eps-only prediction as the (eps, x0) pair edict_invert takes (the DDIM step reads eps only)."""
+    return lambda z, t: (eps_fn(z, t), None)
+
+
 def latents64(seed=0, batch=2):
     return torch.randn(batch, 4, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -71,7 +76,7 @@ def test_edict_inversion_then_sampling_returns_z0_in_float64(bb64):
     cond = bb64.encode_prompts(["a photo of a cat", "a red car"]).double()
     null = bb64.encode_prompts(["", ""]).double()
     for w, p in ((3.0, 0.93), (7.5, 0.8)):
-        xs, y_T = edict_invert(guided_fn(bb64, cond, null, w), z0, schedule, p)
+        xs, y_T = edict_invert(paired(guided_fn(bb64, cond, null, w)), z0, schedule, p)
         assert xs.shape == (STEPS + 1, *z0.shape) and torch.equal(xs[0], z0)
         assert (xs[-1] - z0).abs().max() > 0.1 and (y_T - xs[-1]).abs().max() > 1e-6  # the pair is really coupled
         z = sample(bb64, schedule, xs[-1], cond, null, w, step=CoupledStep(mix=p, y_start=y_T))

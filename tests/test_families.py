@@ -187,7 +187,7 @@ def test_the_ddim_step_in_normalised_coordinates_is_the_rectified_flow_euler_ste
 
 def test_sd3_conditioning_and_sampling_are_the_pipelines(tiny_sd3):
     """Conditioning as diffusers' StableDiffusion3Pipeline.encode_prompt (T5 off), and CFG sampling as the pipeline's
-    flow-matching Euler sampler from the same start (ours starts at s = 0.999, the pipeline at 1)."""
+    flow-matching Euler sampler from the same start, pure noise (s = 1), through the sampler itself."""
     from diffusers import StableDiffusion3Pipeline
 
     bb = tiny_sd3
@@ -207,8 +207,8 @@ def test_sd3_conditioning_and_sampling_are_the_pipelines(tiny_sd3):
                       negative_pooled_prompt_embeds=negative_pooled, height=16, width=24, num_inference_steps=6,
                       guidance_scale=7.5, latents=z_T.clone(), output_type="latent").images
         ours = sample(bb, bb.schedule(6), z_T, cond, null, 7.5)
-    gap, scale = float((ours - theirs).abs().max()), float(theirs.abs().max())  # measured 0.0044 of 4.22
-    assert gap <= 2e-3 * scale, (gap, scale)  # the start's 1e-3 offset from pure noise (max_sigma 0.999)
+    gap, scale = float((ours - theirs).abs().max()), float(theirs.abs().max())  # was 0.0044 of 4.22 from s = 0.999
+    assert gap <= 1e-5 * scale, (gap, scale)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -296,9 +296,9 @@ def test_flow_schedule_reaches_pure_noise_with_max_sigma_one(tiny_sd3):
         assert s.num_steps == n and s.alphas[-1] == 0 and s.alphas[0] == 1 and bool((s.alphas.diff() < 0).all())
         assert torch.equal(s.timesteps, tiny_sd3.scheduler.timesteps.flip(0))
         assert len(torch.unique(s.timesteps)) == n
-    assert tiny_sd3.family.max_sigma == 0.999 and tiny_sd3.schedule(6).alphas[-1] > 0  # the default, for now
+    assert tiny_sd3.family.max_sigma == 1.0 and tiny_sd3.schedule(334).alphas[-1] == 0  # the default
     with pytest.raises(DiffinvError, match="repeated timesteps"):
-        tiny_sd3.schedule(334)
+        replace(tiny_sd3.family, max_sigma=0.999).schedule(tiny_sd3, 334)  # the clamp of before
 
 
 # --- SD 3 with T5, SD 3.5, dynamic shifting ----------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_sd3_with_dynamic_shifting_loads_and_shifts_by_the_latents_size(tiny_sd3
     for size in ((8, 12), (4, 4), None):
         tokens = 16 if size is None else size[0] * size[1] // 4  # native 8 x 8 latents, 2 x 2 patches
         bb.scheduler.set_timesteps(6, mu=calculate_shift(tokens, 4, 64, 0.5, 1.16))
-        expected = bb.scheduler.timesteps.clamp(max=999.0).flip(0)
+        expected = bb.scheduler.timesteps.flip(0)  # from s = 1, timestep 1000, as the pipeline
         assert torch.equal(bb.schedule(6, latent_size=size).timesteps, expected)
     assert not torch.equal(bb.schedule(6, (4, 4)).timesteps, bb.schedule(6, (8, 12)).timesteps)
     assert_sd3_matches_the_pipeline(bb, 8, 12)

@@ -105,7 +105,7 @@ def test_latent_top_starts_are_ranked_by_their_whole_trajectory_loss(bb):
     schedule = m.backbone.schedule(STEPS)
     with torch.no_grad():
         traj = invert(lambda z, t, alpha: m.backbone.eps(z, t, cond, alpha), r.z0[None], schedule)
-        prior = trajectory_loss(m.backbone.eps, schedule, traj, cond, null, 7.5, traj[-1])
+        prior = trajectory_loss(m.backbone.predict, schedule, traj, cond, null, 7.5, traj[-1])
     torch.testing.assert_close(r.extra["start_losses"][0], prior[0], rtol=1e-4, atol=0)
     assert int(r.extra["start_chosen"]) == int(r.extra["start_losses"].argmin())
 
@@ -121,7 +121,7 @@ def test_trajectory_loss_recomputed_steps_give_the_same_value_and_gradient(bb):
     results = []
     for recompute in (False, True):
         z = traj[-1].clone().requires_grad_(True)
-        loss = trajectory_loss(m.backbone.eps, schedule, traj, cond, null, 7.5, z, recompute=recompute)
+        loss = trajectory_loss(m.backbone.predict, schedule, traj, cond, null, 7.5, z, recompute=recompute)
         results.append((loss.detach(), torch.autograd.grad(loss.sum(), [z])[0]))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
@@ -160,7 +160,7 @@ def test_sampling_with_the_learnt_embeddings_retraces_the_tracked_trajectory(bb)
 
     with torch.no_grad():
         traj = invert(lambda z, t, alpha: m.backbone.eps(z, t, cond, alpha), z0, schedule)
-    out = track_trajectory(m.backbone.eps, schedule, traj, cond, m.backbone.encode_prompts([""]), 7.5,
+    out = track_trajectory(m.backbone.predict, schedule, traj, cond, m.backbone.encode_prompts([""]), 7.5,
                            TrackingSchedule(num_inner_steps=3))
     from diffinv.editing.sampler import sample
 
@@ -229,11 +229,11 @@ def test_latent_top_starts_never_batch_the_unet_over_starts(bb):
     for k in (1, 8):
         rows = []
 
-        def eps(z, t, emb):
+        def pred(z, t, emb):
             rows.append(z.shape[0])
-            return m.backbone.eps(z, t, emb)
+            return m.backbone.predict(z, t, emb)
 
-        choose_start(eps, m.backbone.schedule(STEPS), traj, cond, null, 7.5, k, 2, 1e-2, 0.1, 0.1,
+        choose_start(pred, m.backbone.schedule(STEPS), traj, cond, null, 7.5, k, 2, 1e-2, 0.1, 0.1,
                      torch.Generator().manual_seed(0))
         assert max(rows) == 4  # the two images' conditional and unconditional rows, for any K
         assert len(rows) == (2 if k == 1 else k * (2 + STEPS))  # K starts: hops + one rollout each, in turn

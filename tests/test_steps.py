@@ -151,3 +151,17 @@ def test_flow_inversion_round_trip_is_exact_on_a_straight_flow(tiny_sd3, monkeyp
         torch.testing.assert_close(back, z0, atol=1e-4, rtol=0)
         stale = invert(lambda z, t, alpha: tiny_sd3.eps(z, t, cond), z0, schedule)  # at the timestep's level
         assert (sample(tiny_sd3, schedule, stale[-1], cond, cond, 1.0) - z0).abs().max() > 1e-2
+
+
+def test_edict_on_a_flow_starts_at_pure_noise_and_reconstructs(tiny_sd3_dir):
+    """A flow's schedule reaches s = 1 (alpha 0): EDICT's coupled step there is the flow's Euler step, which stays
+    invertible (DDIM's maps both sequences onto eps), so the reconstruction is exact up to float32 noise."""
+    from diffinv import EDICT
+
+    m = EDICT(BackboneConfig(pretrained=str(tiny_sd3_dir)), 6)
+    assert float(m.backbone.schedule(6).alphas[-1]) == 0.0
+    with torch.inference_mode():
+        r = m.run_batch([item(0, targets=["a photo of a dog"])])[0]
+        (rec, _), = m.edit([r.inversion], [[]])
+    torch.testing.assert_close(rec.float(), r.inversion.z0.float(), atol=1e-3, rtol=0)
+    assert (r.edits[0] - r.reconstruction).abs().max() > 1e-3

@@ -275,5 +275,4 @@ class Backbone(nn.Module):
             raise DiffinvError(f"num_inference_steps must be in 1..{most} for this model's scheduler "
                                f"({config.num_train_timesteps} training timesteps, "
                                f"'{getattr(config, 'timestep_spacing', 'linspace')}' spacing), got {num_steps}")
-        s = self.family.schedule(self, num_steps, latent_size)
-        return Schedule(timesteps=s.timesteps.to(self.device), alphas=s.alphas.to(self.device))
+        return self.family.schedule(self, num_steps, latent_size).to(self.device)

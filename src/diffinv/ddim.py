@@ -14,6 +14,7 @@ the same eps returns the input exactly (tested).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -55,6 +56,46 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    def to(self, device) -> "Schedule":
+        """The same schedule with its tensors on ``device``."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)})
+
+    def move(self, z: Tensor, eps: Tensor, x0: Tensor | None, k_from: int, k_to: int) -> Tensor:
+        """z at level ``k_from`` moved to level ``k_to`` with the prediction (eps, x0), possibly of another latent
+        (EDICT's coupled step): the DDIM step :func:`ddim_step` (NPI eq. 2/3), which reads eps only; at a level of
+        alpha 0 (a zero-terminal-SNR model's top), where x0 is not a function of eps, from the given x0."""
+        a_from, a_to = self.alphas[k_from].to(z.dtype), self.alphas[k_to].to(z.dtype)
+        if x0 is not None and float(a_from) == 0.0:
+            return from_x0(x0, eps, a_to)
+        return ddim_step(z, eps, a_from, a_to)
+
+    def invertible_from(self, k: int) -> bool:
+        """Whether :meth:`move` from level k is an invertible map of z (it maps everything onto eps at alpha 0)."""
+        return float(self.alphas[k]) > 0.0
+
+
+@dataclass(frozen=True)
+class FlowSchedule(Schedule):
+    """A rectified flow's schedule (SD 3, FLUX.1): the levels' sigmas s_k beside their DDIM alphas
+    (1 - s)^2 / ((1 - s)^2 + s^2), latents in the coordinates z = x / sqrt((1 - s)^2 + s^2)."""
+
+    sigmas: Tensor = None
+    """(N + 1,) sigma of level 0 (0: clean) .. level N (1: pure noise), float64."""
+
+    def move(self, z: Tensor, eps: Tensor, x0: Tensor | None, k_from: int, k_to: int) -> Tensor:
+        """The flow's own Euler step x' = x + (s_to - s_from) v with v = eps - x0 (x = (1 - s) x0 + s eps), in z
+        coordinates. With a prediction of z itself it is the DDIM step exactly; with another latent's (EDICT) it
+        stays an invertible map of z at every level, s = 1 included, where DDIM's is not. Without x0: DDIM's."""
+        if x0 is None:
+            return super().move(z, eps, x0, k_from, k_to)
+        s_from, s_to = self.sigmas[k_from], self.sigmas[k_to]
+        norm = lambda s: ((1 - s) ** 2 + s**2).sqrt().to(z.dtype)  # noqa: E731
+        return (z * norm(s_from) + (s_to - s_from).to(z.dtype) * (eps - x0)) / norm(s_to)
+
+    def invertible_from(self, k: int) -> bool:
+        return True
 
 
 def make_schedule(alphas_cumprod: Tensor, timesteps: Tensor, final_alpha_cumprod: float) -> Schedule:
@@ -125,7 +166,8 @@ def ddim_mean(x0: Tensor, eps: Tensor, alpha_to: Tensor | float, sigma: Tensor |
     """Mean of the step's target (DDIM paper eq. 12): sqrt(a_to) x0 + sqrt(1 - a_to - sigma^2) eps."""
     a_to = torch.as_tensor(alpha_to, dtype=x0.dtype, device=x0.device)
     sigma = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
-    return a_to.sqrt() * x0 + (1 - a_to - sigma**2).sqrt() * eps
+    # from alpha 0 at eta 1 the direction's 1 - a_to - sigma^2 is 0 up to rounding: never the root of a negative
+    return a_to.sqrt() * x0 + (1 - a_to - sigma**2).clamp(min=0).sqrt() * eps
 
 
 def posterior_sample(z: Tensor, x0: Tensor, alpha_from: Tensor | float, alpha_to: Tensor | float,

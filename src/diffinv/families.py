@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ddim import Schedule, make_schedule, predict_x0
+from .ddim import FlowSchedule, Schedule, make_schedule, predict_x0
 from .errors import DiffinvError
 
 
@@ -258,17 +258,16 @@ class Flow:
     (alpha 0). Level 0 (s = 0) and level s = 1 are the latent itself (z = x). So every method and editor runs
     unchanged.
 
-    ``max_sigma`` clamps the top level: 0.999 rather than 1 while the sampler steps through DDIM's
-    x0 = (z - sqrt(1 - alpha) eps) / sqrt(alpha), which needs alpha > 0 (a start 1e-3 away from pure noise:
-    sampling differs from the diffusers pipeline by 1e-3 of the latents' scale, tests/test_families.py). Closer
-    to 1 divides float32 noise by sqrt(alpha) ~ 1 - s at the top level: at 1 - 1e-4, latent-TOP's result on the
-    tiny SD 3 moved by 0.029 with its batch neighbours (tests/test_batch_independence.py); at 0.999 it stays
-    within 2e-4. With ``predict``'s x0 the sampler can use 1.0: the top level is then alpha = 0 exactly.
+    The schedule starts at s = 1 (``max_sigma`` 1), pure noise, as the pipelines do: there alpha = 0 and x0 is not
+    a function of eps, so every step takes ``predict``'s x0 (the sampler, CycleDiffusion's encoder, NTI's and
+    latent-TOP's tracking), and EDICT's coupled step is the flow's own Euler step (:class:`diffinv.ddim.
+    FlowSchedule`), invertible at s = 1. ``max_sigma`` < 1 clamps the top level (the 0.999 of diffinv before
+    0.2: sampling 1e-3 off the pipelines, at most 333 steps at shift 3).
     """
 
     default_max_shift: ClassVar[float]
     """The pipeline's ``max_shift`` where the scheduler config has none (calculate_shift's call)."""
-    max_sigma: float = 0.999
+    max_sigma: float = 1.0
 
     def sigma(self, backbone, t: Tensor, alpha: Tensor | None = None) -> Tensor:
         """s of the latent, float64: that of its level ``alpha`` (:func:`_flow_sigma`), else t / T (the timestep's
@@ -323,7 +322,8 @@ class Flow:
                                "this flow-matching schedule (repeated timesteps): use fewer steps")
         signal, noise = (1 - sigmas) ** 2, sigmas**2
         alphas = torch.cat([torch.ones(1, dtype=torch.float64), signal / (signal + noise)])
-        return Schedule(timesteps=timesteps, alphas=alphas)
+        return FlowSchedule(timesteps=timesteps, alphas=alphas,
+                            sigmas=torch.cat([torch.zeros(1, dtype=torch.float64), sigmas]))
 
     def max_steps(self, backbone) -> int:
         return int(backbone.scheduler.config.num_train_timesteps)

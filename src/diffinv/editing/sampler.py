@@ -68,15 +68,16 @@ def sample(
         u[need_u] = all_rows[B:]
         return u, c
 
-    def guided(z: Tensor, k: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def guided(z: Tensor, k: int, need_x0: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One denoiser call (conditional branch of every row, unconditional branch of the rows that need it),
         then the guidance rule (CFG eq. 1, or ProxNPI Alg. 1 lines 6-7). At a level of alpha 0 x0 is not a
         function of eps (eps = z there): the model's own x0 of each branch, combined by the same rule (CFG is
-        linear in the model output, so this is the guided x0)."""
+        linear in the model output, so this is the guided x0); also wherever ``need_x0`` asks (a step that moves
+        another latent with this prediction: EDICT)."""
         t = schedule.timesteps[k - 1]
         u = uncond[k - 1] if per_step else uncond
         zz, emb = torch.cat([z, z[need_u]]), torch.cat([cond, u[need_u]])
-        if k not in pure_noise:
+        if k not in pure_noise and not need_x0:
             eps, mask = rule.combine(*branches(backbone.eps(zz, t, emb)))
             return eps, mask, None
         eps_all, x0_all = backbone.predict(zz, t, emb)

@@ -2,7 +2,8 @@
 latent sequences x, y, each DDIM-stepped with the noise predicted from the other, then mixed with weight p; every
 operation is affine in the sequence it updates, so inversion is exact by construction.
 
-Sampling, level k -> k - 1 (their eq. 14; the DDIM step a_t z + b_t eps is :func:`diffinv.ddim.ddim_step`)::
+Sampling, level k -> k - 1 (their eq. 14; the step a_t z + b_t eps is the schedule's: DDIM, :func:`diffinv.ddim.ddim_step`;
+on a flow its Euler step, which stays invertible at s = 1)::
 
     x_inter = step(x_k, eps(y_k, t_k))            y_inter = step(y_k, eps(x_inter, t_k))
     x_{k-1} = p x_inter + (1 - p) y_inter         y_{k-1} = p y_inter + (1 - p) x_{k-1}
@@ -37,33 +38,39 @@ import torch
 from torch import Tensor
 
 from ..backbone import BackboneConfig
-from ..ddim import Schedule, ddim_step, strength_level
+from ..ddim import Schedule, strength_level
 from ..editing.prompt_to_prompt import Editor
 from ..errors import DiffinvError
-from ..guidance import cfg_eps
+from ..guidance import cfg
 from ..steps.coupled import y_first
 from .base import InversionMethod
 from .record import Sampling
 
 
-def edict_invert(eps_fn: Callable[[Tensor, Tensor], Tensor], z0: Tensor, schedule: Schedule,
-                 p: float, top: int | None = None, leapfrog: bool = False) -> tuple[Tensor, Tensor]:
+def edict_invert(pred_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]], z0: Tensor,
+                 schedule: Schedule, p: float, top: int | None = None, leapfrog: bool = False) -> tuple[Tensor, Tensor]:
     """EDICT inversion from x_0 = y_0 = z0 up to level ``top`` (None: N): the x sequence (N + 1, B, ...), whose
-    levels above ``top`` hold x_top (never read), and y_top (B, ...). ``leapfrog``: undo the authors' alternating
-    order (:func:`~diffinv.steps.coupled.y_first`) of a run sampled from ``top``."""
+    levels above ``top`` hold x_top (never read), and y_top (B, ...). ``pred_fn(z, t)``: the guided (eps, x0) of
+    latents z (x0 may be None: the schedule's DDIM step reads eps only; a flow's Euler step needs x0). Each step is
+    :meth:`Schedule.move <diffinv.ddim.Schedule.move>` upwards, the inverse of the sampler's. ``leapfrog``: undo the
+    authors' alternating order (:func:`~diffinv.steps.coupled.y_first`) of a run sampled from ``top``."""
     top = schedule.num_steps if top is None else top
+
+    def step(z: Tensor, other: Tensor, k: int) -> Tensor:
+        eps, x0 = pred_fn(other, schedule.timesteps[k - 1])
+        return schedule.move(z, eps, x0, k - 1, k)
+
     x = y = z0
     xs = [x]
     for k in range(1, top + 1):
-        t, a_lo, a_hi = schedule.timesteps[k - 1], schedule.alphas[k - 1].to(z0.dtype), schedule.alphas[k].to(z0.dtype)
         y_inter = (y - (1 - p) * x) / p  # undo the mixing (eq. 15)
         x_inter = (x - (1 - p) * y_inter) / p
         if y_first(top, k, leapfrog):  # sampled y first at this level: undo x first
-            x = ddim_step(x_inter, eps_fn(y_inter, t), a_lo, a_hi)
-            y = ddim_step(y_inter, eps_fn(x, t), a_lo, a_hi)
+            x = step(x_inter, y_inter, k)
+            y = step(y_inter, x, k)
         else:  # eq. 15
-            y = ddim_step(y_inter, eps_fn(x_inter, t), a_lo, a_hi)
-            x = ddim_step(x_inter, eps_fn(y, t), a_lo, a_hi)
+            y = step(y_inter, x_inter, k)
+            x = step(x_inter, y, k)
         xs.append(x)
     return torch.stack(xs + [x] * (schedule.num_steps - top)), y
 
@@ -118,7 +125,7 @@ class EDICT(InversionMethod):
         if any(i.inversion is None for i in items):
             schedule = self.backbone.schedule(self.num_inference_steps)
             top = strength_level(schedule.num_steps, self.strength)
-            if float(schedule.alphas[top]) == 0.0:
+            if not schedule.invertible_from(top):
                 raise DiffinvError(f"EDICT cannot invert to level {top} of this model's schedule: its alpha is 0 (zero "
                                    "terminal SNR), where the coupled step is not invertible; give --model.strength "
                                    f"below 1 (e.g. {1 - 1 / schedule.num_steps:.2f})")
@@ -128,11 +135,14 @@ class EDICT(InversionMethod):
         z0 = z0.to(getattr(torch, self.latent_dtype))
         top = strength_level(schedule.num_steps, self.strength)
 
-        def guided_eps(z: Tensor, t: Tensor) -> Tensor:
-            return cfg_eps(self.backbone.eps, z, t, source_emb, null, self.guidance_scale)
+        def guided(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            """The CFG prediction (eps, x0) of the source prompt, both branches in one call (NPI eq. 1)."""
+            eps, x0 = self.backbone.predict(torch.cat([z, z]), t, torch.cat([source_emb, null]))
+            B, w = z.shape[0], self.guidance_scale
+            return cfg(eps[B:], eps[:B], w), cfg(x0[B:], x0[:B], w)
 
         with torch.no_grad():
-            xs, y_top = edict_invert(guided_eps, z0, schedule, self.mix, top=top, leapfrog=self.leapfrog)
+            xs, y_top = edict_invert(guided, z0, schedule, self.mix, top=top, leapfrog=self.leapfrog)
         sampling = Sampling(step="coupled", mix=self.mix, leapfrog=self.leapfrog,
                             start_level=top if top < schedule.num_steps else None,
                             guidance_scale=float(self.guidance_scale))

@@ -23,22 +23,25 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..backbone import BackboneConfig
-from ..ddim import Schedule, ddim_step
+from ..ddim import Schedule
 from ..editing.prompt_to_prompt import Editor
 from ..errors import check_at_least, check_finite
-from ..guidance import cfg_eps
+from ..guidance import cfg
 from ..optim import AdamState, masked_adam_step
 from .optimizing import OptimizingInversion
 from .tracking import TrackingSchedule, per_sample_mse, track_trajectory
 
 
-def cfg_step(eps_fn, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: float, a_t: Tensor,
-             a_prev: Tensor) -> Tensor:
-    """One CFG DDIM step (NPI eq. 1 and 2), both branches in one UNet call."""
-    return ddim_step(z, cfg_eps(eps_fn, z, t, cond, uncond, guidance_scale), a_t, a_prev)
+def cfg_step(pred_fn, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: float, schedule: Schedule,
+             k: int) -> Tensor:
+    """One CFG step from level k (NPI eq. 1 and 2), both branches in one denoiser call; ``pred_fn(z, t, emb)`` ->
+    (eps, x0), x0 read only where alpha is 0 (:meth:`diffinv.ddim.Schedule.move`)."""
+    eps, x0 = pred_fn(torch.cat([z, z]), t, torch.cat([cond, uncond]))
+    B = z.shape[0]
+    return schedule.move(z, cfg(eps[B:], eps[:B], guidance_scale), cfg(x0[B:], x0[:B], guidance_scale), k, k - 1)
 
 
-def trajectory_loss(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, uncond: Tensor,
+def trajectory_loss(pred_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, uncond: Tensor,
                     guidance_scale: float, z_T: Tensor, recompute: bool = False) -> Tensor:
     """(B,) mean over steps of ||x̄_{k-1} - x*_{k-1}||^2 along the CFG rollout from ``z_T`` (latent-TOP §2.2).
 
@@ -49,17 +52,16 @@ def trajectory_loss(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor
     z, total = z_T, 0
     for k in range(n, 0, -1):
         t = schedule.timesteps[k - 1]
-        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
         u = uncond[:, k - 1] if uncond.dim() == 4 else uncond
         if recompute:
-            z = checkpoint(cfg_step, eps_fn, z, t, cond, u, guidance_scale, a_t, a_prev, use_reentrant=False)
+            z = checkpoint(cfg_step, pred_fn, z, t, cond, u, guidance_scale, schedule, k, use_reentrant=False)
         else:
-            z = cfg_step(eps_fn, z, t, cond, u, guidance_scale, a_t, a_prev)
+            z = cfg_step(pred_fn, z, t, cond, u, guidance_scale, schedule, k)
         total = total + per_sample_mse(z, trajectory[k - 1])
     return total / n
 
 
-def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, null: Tensor, guidance_scale: float,
+def choose_start(pred_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, null: Tensor, guidance_scale: float,
                  num_starts: int, hops: int, lr: float, text_std: float, noise_std: float,
                  generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Latent-TOP's multiple starts: (text bias (B, L, D), noise bias (B, C, h, w), initial losses (B, K)).
@@ -82,7 +84,6 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
     noise = torch.stack(noise, 1).to(dev) * noise_std  # (K, B, C, h, w)
     text[0], noise[0] = 0, 0  # the prior itself is always a candidate
     t = schedule.timesteps[n - 1]
-    a_t, a_prev = schedule.alphas[n].to(trajectory.dtype), schedule.alphas[n - 1].to(trajectory.dtype)
     everyone = torch.ones(B, dtype=torch.bool, device=dev)
     losses = torch.full((K, B), float("nan"), device=dev)
     for c in range(K):  # one start at a time: memory of one batch, whatever K
@@ -90,7 +91,7 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
         states = [AdamState.zeros_like(p) for p in params]
         for _ in range(hops):
             z = trajectory[n] + params[1]
-            step = cfg_step(eps_fn, z, t, cond, null + params[0], guidance_scale, a_t, a_prev)
+            step = cfg_step(pred_fn, z, t, cond, null + params[0], guidance_scale, schedule, n)
             grads = torch.autograd.grad(per_sample_mse(step, trajectory[n - 1]).sum(), params)
             for p, g, s in zip(params, grads, states):
                 masked_adam_step(p, g, s, lr, everyone)
@@ -98,7 +99,7 @@ def choose_start(eps_fn, schedule: Schedule, trajectory: Tensor, cond: Tensor, n
         if K == 1:
             break
         with torch.no_grad():
-            losses[c] = trajectory_loss(eps_fn, schedule, trajectory, cond, null + text[c], guidance_scale,
+            losses[c] = trajectory_loss(pred_fn, schedule, trajectory, cond, null + text[c], guidance_scale,
                                         trajectory[n] + noise[c])
     best = losses.argmin(dim=0)
     rows = torch.arange(B, device=dev)
@@ -180,25 +181,26 @@ class LatentTrajectoryOptimization(OptimizingInversion):
         self.noise_bias_rounds, self.noise_bias_lr = noise_bias_rounds, noise_bias_lr
 
     def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
-        eps, w = self.backbone.eps, self.guidance_scale
+        pred, w = self.backbone.predict, self.guidance_scale
         null = self.backbone.encode_prompts([""]).expand_as(source_emb).contiguous()
         gen = torch.Generator().manual_seed(self.seed)
         text0, noise0, start_losses = choose_start(
-            eps, schedule, trajectory, source_emb, null, w, self.num_starts, self.hops, self.tracking.lr,
+            pred, schedule, trajectory, source_emb, null, w, self.num_starts, self.hops, self.tracking.lr,
             self.text_init_std, self.noise_init_std, gen)
-        out = track_trajectory(eps, schedule, trajectory, source_emb, null + text0, w, self.tracking, noise_bias=noise0)
+        out = track_trajectory(pred, schedule, trajectory, source_emb, null + text0, w, self.tracking,
+                               noise_bias=noise0)
         B = source_emb.shape[0]
         everyone = torch.ones(B, dtype=torch.bool, device=source_emb.device)
         rounds = []
         for _ in range(self.noise_bias_rounds):
             # z_T in the whole-trajectory objective: one Adam step through the rollout, then track again.
             bias = (out["z_T"] - trajectory[-1]).detach().requires_grad_(True)
-            loss = trajectory_loss(eps, schedule, trajectory, source_emb, out["unconditional"].detach(), w,
+            loss = trajectory_loss(pred, schedule, trajectory, source_emb, out["unconditional"].detach(), w,
                                    trajectory[-1] + bias, recompute=True)
             (grad,) = torch.autograd.grad(loss.sum(), [bias])
             state = AdamState.zeros_like(bias)
             masked_adam_step(bias, grad, state, self.noise_bias_lr, everyone)
-            out = track_trajectory(eps, schedule, trajectory, source_emb, null + text0, w, self.tracking,
+            out = track_trajectory(pred, schedule, trajectory, source_emb, null + text0, w, self.tracking,
                                    noise_bias=bias.detach())
             rounds.append(loss.detach())
         return {

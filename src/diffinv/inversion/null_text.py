@@ -77,7 +77,7 @@ class NullTextInversion(OptimizingInversion):
     def optimize(self, trajectory: Tensor, source_emb: Tensor, schedule: Schedule) -> dict:
         null = self.backbone.encode_prompts([""]).expand_as(source_emb)
         start = source_emb if self.init == "source" else null
-        out = track_trajectory(self.backbone.eps, schedule, trajectory, source_emb, start, self.guidance_scale,
+        out = track_trajectory(self.backbone.predict, schedule, trajectory, source_emb, start, self.guidance_scale,
                                self.tracking)
         return {
             "unconditional": out["unconditional"],

@@ -15,13 +15,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..ddim import Schedule, ddim_step
+from ..ddim import Schedule
 from ..guidance import cfg
 from ..errors import check_at_least, check_finite, check_fraction
 from ..optim import AdamState, early_stop_threshold, masked_adam_step, still_active
 
-EmbEpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""eps_fn(z, t, emb) -> noise prediction."""
+PredFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""pred_fn(z, t, emb) -> (eps, x0): the model's prediction (:meth:`diffinv.backbone.Backbone.predict`); the step
+reads x0 only at a level of alpha 0, where it is not a function of eps."""
 
 
 @dataclass
@@ -101,7 +102,7 @@ def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 def track_trajectory(
-    eps_fn: EmbEpsFn,
+    pred_fn: PredFn,
     schedule: Schedule,
     trajectory: Tensor,
     cond: Tensor,
@@ -132,8 +133,14 @@ def track_trajectory(
     embs, losses, iterations = [], [], []
     for i, k in enumerate(range(n, 0, -1)):
         t = schedule.timesteps[k - 1]
-        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
         target = trajectory[k - 1]
+
+        def step(z: Tensor, emb: Tensor, cond_pred: tuple[Tensor, Tensor]) -> Tensor:
+            """The CFG step from level k (NPI eq. 1, 2) with the unconditional embedding ``emb``."""
+            eps_u, x0_u = pred_fn(z, t, emb)
+            eps = cfg(eps_u, cond_pred[0], guidance_scale)
+            return schedule.move(z, eps, cfg(x0_u, cond_pred[1], guidance_scale), k, k - 1)
+
         with_bias = bias is not None and i == 0  # the noise bias only acts through the first step
         emb = emb.detach().clone().requires_grad_(True)  # warm start from u_{k+1}, in storage of its own
         params = [emb] + ([bias.requires_grad_(True)] if with_bias else [])
@@ -145,12 +152,12 @@ def track_trajectory(
         flag = LaggedFlag(dev)
         if not with_bias:
             with torch.no_grad():
-                eps_c = eps_fn(z, t, cond)  # the conditional branch once per step (NTI reference)
+                pred_c = pred_fn(z, t, cond)  # the conditional branch once per step (NTI reference)
         for _ in range(settings.num_inner_steps):
             # 1. The CFG DDIM step with the current embedding (NPI eq. 4), and its distance to z*_{k-1}.
             zt = trajectory[n] + bias if with_bias else z
-            ec = eps_fn(zt, t, cond) if with_bias else eps_c
-            loss = per_sample_mse(ddim_step(zt, cfg(eps_fn(zt, t, emb), ec, guidance_scale), a_t, a_prev), target)
+            pc = pred_fn(zt, t, cond) if with_bias else pred_c
+            loss = per_sample_mse(step(zt, emb, pc), target)
             # 2. A masked Adam step on the images still active (the reference steps before it checks the loss).
             grads = torch.autograd.grad(loss.sum(), params)
             for p, g, s in zip(params, grads, states):
@@ -168,8 +175,7 @@ def track_trajectory(
                 bias = bias.detach()
                 z = trajectory[n] + bias
                 z_T = z
-            ec = eps_fn(z, t, cond) if with_bias else eps_c
-            z = ddim_step(z, cfg(eps_fn(z, t, emb), ec, guidance_scale), a_t, a_prev)
+            z = step(z, emb, pred_fn(z, t, cond) if with_bias else pred_c)
             losses.append(per_sample_mse(z, target))
         embs.append(emb)
         iterations.append(used)

@@ -17,11 +17,11 @@ from torch import Tensor
 from ..ddim import Schedule
 from ..guidance import GuidanceRule
 
-Guided = Callable[[Tensor, int], tuple[Tensor, "Tensor | None", "Tensor | None"]]
-"""guided(z, k) -> (eps, mask, x0): the guided noise prediction of latents z at level k's timestep, the guidance
-rule's mask (ProxNPI's unedited region; None under classifier-free guidance) and, where level k's alpha is 0 (a
-zero-terminal-SNR model's or a flow's top level: x0 cannot be read from eps there), the model's own guided x0
-(None elsewhere)."""
+Guided = Callable[..., tuple[Tensor, "Tensor | None", "Tensor | None"]]
+"""guided(z, k, need_x0=False) -> (eps, mask, x0): the guided noise prediction of latents z at level k's timestep,
+the guidance rule's mask (ProxNPI's unedited region; None under classifier-free guidance) and the model's own
+guided x0 where level k's alpha is 0 (a zero-terminal-SNR model's or a flow's top level: x0 cannot be read from eps
+there) or where ``need_x0`` asks (None elsewhere)."""
 
 
 class Step(Protocol):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..ddim import Schedule, ddim_step
+from ..ddim import Schedule
 from ..guidance import GuidanceRule
 from .base import Guided
 
@@ -56,13 +56,19 @@ class CoupledStep:
     def __call__(self, z: Tensor, k: int, guided: Guided, rule: GuidanceRule,
                  schedule: Schedule) -> tuple[Tensor, Tensor | None]:
         p = self.mix
-        a_t, a_prev = schedule.alphas[k].to(z.dtype), schedule.alphas[k - 1].to(z.dtype)
+
+        def step(z: Tensor, other: Tensor) -> Tensor:
+            """z moved with the other sequence's guided prediction by the schedule's own step (DDIM; a flow's Euler
+            step, which stays invertible at s = 1)."""
+            eps, _, x0 = guided(other, k, need_x0=True)
+            return schedule.move(z, eps, x0, k, k - 1)
+
         if y_first(self.top, k, self.leapfrog):
-            y_inter = ddim_step(self.y, guided(z, k)[0], a_t, a_prev)  # the authors' odd steps: y first
-            x_inter = ddim_step(z, guided(y_inter, k)[0], a_t, a_prev)
+            y_inter = step(self.y, z)  # the authors' odd steps: y first
+            x_inter = step(z, y_inter)
         else:
-            x_inter = ddim_step(z, guided(self.y, k)[0], a_t, a_prev)  # eq. 14
-            y_inter = ddim_step(self.y, guided(x_inter, k)[0], a_t, a_prev)
+            x_inter = step(z, self.y)  # eq. 14
+            y_inter = step(self.y, x_inter)
         x = p * x_inter + (1 - p) * y_inter
         self.y = p * y_inter + (1 - p) * x
         return x, None
