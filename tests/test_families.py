@@ -16,7 +16,7 @@ from diffinv.data import Item
 from diffinv.ddim import ddim_step
 from diffinv.editing.sampler import sample
 from diffinv.errors import DiffinvError
-from diffinv.families import StableDiffusion, StableDiffusion3, StableDiffusionXL
+from diffinv.models import StableDiffusion, StableDiffusion3, StableDiffusionXL
 from diffinv.inversion.record import Inversion
 
 from tiny_model import flow_sample

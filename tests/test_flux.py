@@ -11,7 +11,7 @@ import torch
 
 from diffinv.backbone import Backbone, BackboneConfig
 from diffinv.ddim import from_x0
-from diffinv.families import Flux, StableDiffusion3, calculate_shift
+from diffinv.models import Flux, StableDiffusion3, calculate_shift
 
 from tiny_model import flow_sample
 

@@ -5,7 +5,7 @@ Works for any SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 checkpoint in diffusers layou
 ``transformer`` for the ``unet``, SD 3 a T5 in ``text_encoder_3``, FLUX in ``text_encoder_2``), from the hub
 cache, a local folder, or the embedded shapes model (``"shapes"``). What differs between the families
 (components, text conditioning, the denoiser's call, the prediction, the schedule) is in
-:mod:`diffinv.families`; ``unet`` is the denoiser whichever it is. The components are loaded one by one (no
+:mod:`diffinv.models`; ``unet`` is the denoiser whichever it is. The components are loaded one by one (no
 safety checker, no pipeline object), frozen, and kept as submodules so Lightning moves them to the right device.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .ddim import Schedule
 from .errors import DiffinvError
-from .families import Family, StableDiffusion, family_of, first_line
+from .models import Family, StableDiffusion, family_of, first_line
 
 EMBEDDED_MODEL = "shapes"
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -133,15 +133,20 @@ def _training_alphas(scheduler) -> Tensor:
 
 
 class Backbone(nn.Module):
-    """A frozen Stable Diffusion: VAE, text encoder + tokenizer, UNet, and its noise schedule."""
+    """A frozen Stable Diffusion: VAE, text encoder + tokenizer, UNet, and its noise schedule.
+
+    ``components``: the family's other parts by name (SDXL's ``text_encoder_2``, ``tokenizer_2``; SD 3's
+    ``text_encoder_3``, ``tokenizer_3``, None where it has no T5; ...), each an attribute of that name (the
+    modules among them submodules). Every family has a ``text_encoder`` and a ``tokenizer`` (the backbone reads
+    the tokenizer's limit itself)."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name: str = "custom",
-                 family: Family | None = None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                 tokenizer_3=None):
+                 family: Family | None = None, **components):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
-        self.text_encoder_2, self.text_encoder_3 = text_encoder_2, text_encoder_3
-        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
+        for key, part in components.items():
+            setattr(self, key, part)
+        self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.name = name
         self.family = family or StableDiffusion()
@@ -237,7 +242,7 @@ class Backbone(nn.Module):
     def predict(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(eps, x0): the noise and clean-latent predictions in DDIM coordinates for latents z at the level whose
         alpha is ``alpha`` (0-d float64; None: the timestep t's own level), under timestep t and conditioning
-        ``emb``: the model's own output converted by its family (:meth:`diffinv.families.Family.predict`)."""
+        ``emb``: the model's own output converted by its family (:meth:`diffinv.models.Family.predict`)."""
         return self.family.predict(self, z, t, emb, alpha)
 
     def eps(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> Tensor:
