@@ -134,3 +134,16 @@ def test_flux_vae_applies_its_shift_and_scale(tiny_flux):
         torch.testing.assert_close(z, (raw - 0.1159) * 0.3611)
         decoded = bb.vae.decode(z / 0.3611 + 0.1159).sample  # FluxPipeline's decode
         torch.testing.assert_close(bb.decode(z), ((decoded + 1) / 2).clamp(0, 1))
+
+
+def test_flux_warns_about_long_prompts_at_t5s_limit(tiny_flux):
+    """FLUX reads a prompt through T5 (CLIP gives only the pooled embedding): the warning counts T5's tokens
+    against max_sequence_length, not CLIP's limit."""
+    import warnings
+
+    assert tiny_flux.max_prompt_tokens == 512 < len(tiny_flux.tokenizer(" ".join(["cat"] * 600)).input_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_flux.encode_prompts([" ".join(["cat"] * 20)])  # over the tiny CLIP's 8 tokens: no warning
+    with pytest.warns(UserWarning, match=r"over the text encoder's limit of 512: it is truncated to its first 511 "):
+        tiny_flux.encode_prompts([" ".join(["cat"] * 600)])

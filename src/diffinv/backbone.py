@@ -214,23 +214,26 @@ class Backbone(nn.Module):
     # --- text -------------------------------------------------------------------------------------------------
     @property
     def max_prompt_tokens(self) -> int:
-        return self.tokenizer.model_max_length
+        """The token limit of the text encoder that reads the prompt (:meth:`Family.prompt_reader`)."""
+        return self.family.prompt_reader(self)[1]
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Text embeddings (B, L, D), computed once per distinct prompt and cached.
 
-        A prompt longer than the tokenizer's limit is truncated with a warning naming it.
+        A prompt longer than the limit of the encoder that reads it (CLIP's 77; FLUX's T5, 512) is truncated with a
+        warning naming it.
         """
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache or (
             self._prompt_cache[p].is_inference() and not torch.is_inference_mode_enabled())]
         if missing:
-            limit = self.tokenizer.model_max_length
+            tokenizer, limit = self.family.prompt_reader(self)
+            special = len(tokenizer("", verbose=False).input_ids)  # CLIP: start and end tokens; T5: the end one
             for p in missing:
-                n = len(self.tokenizer(p, truncation=False, verbose=False).input_ids)
+                n = len(tokenizer(p, truncation=False, verbose=False).input_ids)
                 if n > limit:
                     warnings.warn(
                         f"prompt {p!r} is {n} tokens long, over the text encoder's limit of {limit}: it is truncated "
-                        f"to its first {limit - 2} words/pieces",
+                        f"to its first {limit - special} words/pieces",
                         stacklevel=2,
                     )
             with torch.no_grad():

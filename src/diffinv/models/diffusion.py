@@ -60,6 +60,9 @@ class Diffusion:
     def patch_size(self, backbone) -> int:
         return 1
 
+    def prompt_reader(self, backbone) -> tuple:
+        return backbone.tokenizer, backbone.tokenizer.model_max_length
+
     def sample_size(self, backbone) -> int:
         sample = backbone.unet.config.sample_size
         return sample if isinstance(sample, int) else sample[0]

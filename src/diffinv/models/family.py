@@ -68,6 +68,10 @@ class Family(Protocol):
     def sample_size(self, backbone) -> int:
         """The model's native latent side."""
 
+    def prompt_reader(self, backbone) -> tuple:
+        """(tokenizer, token limit) of the text encoder whose truncation decides what the denoiser reads of a
+        prompt (CLIP's 77; FLUX's T5 at ``max_sequence_length``): what the long-prompt warning counts."""
+
 
 def _tokens(tokenizer, prompts: list[str], device) -> Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

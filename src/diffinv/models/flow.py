@@ -114,6 +114,9 @@ class Flow:
     def patch_size(self, backbone) -> int:
         return int(backbone.unet.config.patch_size)
 
+    def prompt_reader(self, backbone) -> tuple:
+        return backbone.tokenizer, backbone.tokenizer.model_max_length  # SD 3: CLIP's limit cuts its states too
+
     def sample_size(self, backbone) -> int:
         return int(backbone.unet.config.sample_size)
 

@@ -104,5 +104,8 @@ class Flux(Flow):
     def patch_size(self, backbone) -> int:
         return 2  # the 2x2 packing (the transformer's own patch_size is 1)
 
+    def prompt_reader(self, backbone) -> tuple:
+        return backbone.tokenizer_2, self.max_sequence_length  # CLIP gives only the pooled embedding: T5 reads it
+
     def sample_size(self, backbone) -> int:
         return 128  # FluxPipeline.default_sample_size: 1024 pixels with the 8x VAE
