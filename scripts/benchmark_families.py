@@ -53,7 +53,7 @@ def measure(folder: str, method: str, steps: int) -> dict:
 
 def round_trip(folder: str) -> None:
     """DDIM inversion then sampling at w = 1 on a flow model: mean |z0 - back| when the inversion converts the
-    velocity at the latent's own level (diffinv) and at the timestep's (diffinv before 0.2)."""
+    velocity at the latent's own level (diffinv now) and at the timestep's (diffinv before)."""
     import torch
 
     from diffinv.backbone import Backbone, BackboneConfig

@@ -87,8 +87,13 @@ def test_proxnpi_guidance_pulls_reconstruction_towards_source_latent(methods):
     err = lambda z: float(((z - inv.z0) ** 2).mean())  # noqa: E731
     assert err(guided) < 0.5 * err(plain)
     torch.testing.assert_close(kept, plain, atol=1e-6, rtol=0)
-    with pytest.raises(DiffinvError, match="reconstructs under guidance settings .* npi's config does not reproduce"):
+    with pytest.raises(DiffinvError, match="reconstructs under guidance settings that npi's config does not "
+                                           r"reproduce \(this config applies none\)"):
         methods["npi"].edit([own], [[]])  # the pull is pinned in ProxNPI's record: NPI cannot reproduce it
+    other = ProximalNegativePromptInversion(methods["prox"].backbone_config, STEPS,
+                                            proximal=ProximalGuidance(until_timestep=1000, step_size=0.2))
+    with pytest.raises(DiffinvError, match=r"proxnpi's config does not reproduce \(they differ in step_size\)"):
+        other.edit([own], [[]])
 
 
 @pytest.mark.parametrize("name", ["ddim", "npi", "prox"])

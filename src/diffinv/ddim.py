@@ -76,6 +76,12 @@ class Schedule:
         return float(self.alphas[k]) > 0.0
 
 
+def flow_norm(s: Tensor) -> Tensor:
+    """sqrt((1 - s)^2 + s^2): a rectified-flow latent x_s = (1 - s) x0 + s eps is z = x / flow_norm(s) in DDIM's
+    coordinates, whose alpha is (1 - s)^2 / flow_norm(s)^2."""
+    return ((1 - s) ** 2 + s**2).sqrt()
+
+
 @dataclass(frozen=True)
 class FlowSchedule(Schedule):
     """A rectified flow's schedule (SD 3, FLUX.1): the levels' sigmas s_k beside their DDIM alphas
@@ -91,8 +97,8 @@ class FlowSchedule(Schedule):
         if x0 is None:
             return super().move(z, eps, x0, k_from, k_to)
         s_from, s_to = self.sigmas[k_from], self.sigmas[k_to]
-        norm = lambda s: ((1 - s) ** 2 + s**2).sqrt().to(z.dtype)  # noqa: E731
-        return (z * norm(s_from) + (s_to - s_from).to(z.dtype) * (eps - x0)) / norm(s_to)
+        x = z * flow_norm(s_from).to(z.dtype) + (s_to - s_from).to(z.dtype) * (eps - x0)
+        return x / flow_norm(s_to).to(z.dtype)
 
     def invertible_from(self, k: int) -> bool:
         return True

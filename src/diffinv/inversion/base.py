@@ -282,12 +282,16 @@ class InversionMethod(L.LightningModule):
     def check_reproducible(self, record: Inversion) -> None:
         """Refuse a record whose reconstruction this method cannot sample as it was made (ProxNPI's pull under
         other settings, or by a method without it)."""
-        rule = record.plan.rule
-        if rule is not None and rule != self.reconstruction_rule():
+        rule, own = record.plan.rule, self.reconstruction_rule()
+        if rule is not None and rule != own:
             name = f"inversion record {record.path}" if record.path is not None else "the inversion record"
-            raise DiffinvError(f"{name} ({record.method}) reconstructs under guidance settings {rule} that "
-                               f"{self.method_name}'s config does not reproduce: edit it with its own method and "
-                               "settings")
+            # named from this method's own settings, never echoing the record's values (a file from anyone)
+            differ = [key for key in own or {} if rule.get(key) != own[key]]
+            detail = ("this config applies none" if own is None
+                      else f"they differ in {', '.join(differ)}" if differ else "they differ")
+            raise DiffinvError(f"{name} ({record.method}) reconstructs under guidance settings that "
+                               f"{self.method_name}'s config does not reproduce ({detail}): edit it with its own "
+                               "method and settings")
 
     def check_items(self, items: list[Item]) -> None:
         """Before any work: the step count fits the model's scheduler, the editor can take every item's prompts

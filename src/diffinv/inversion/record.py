@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -79,8 +79,7 @@ class Sampling:
 
     def problem(self, num_steps: int) -> str | None:
         """What makes these values unusable for a record of ``num_steps`` steps (the end of a sentence), or None."""
-        kinds = {"step": ("ddim", "stochastic", "coupled"), "unconditional": ("null", "source", "learned"),
-                 "variance": ("ddim", "authors")}
+        kinds = {"step": get_args(StepKind), "unconditional": get_args(Unconditional), "variance": get_args(Variance)}
         for name, allowed in kinds.items():
             if getattr(self, name) not in allowed:
                 return f"has sampling {name} {getattr(self, name)!r}, expected one of {', '.join(allowed)}"

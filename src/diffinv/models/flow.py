@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..ddim import FlowSchedule, Schedule
+from ..ddim import FlowSchedule, Schedule, flow_norm
 from ..errors import DiffinvError
 
 
@@ -44,8 +44,8 @@ class Flow:
     The schedule starts at s = 1 (``max_sigma`` 1), pure noise, as the pipelines do: there alpha = 0 and x0 is not
     a function of eps, so every step takes ``predict``'s x0 (the sampler, CycleDiffusion's encoder, NTI's and
     latent-TOP's tracking), and EDICT's coupled step is the flow's own Euler step (:class:`diffinv.ddim.
-    FlowSchedule`), invertible at s = 1. ``max_sigma`` < 1 clamps the top level (the 0.999 of diffinv before
-    0.2: sampling 1e-3 off the pipelines, at most 333 steps at shift 3).
+    FlowSchedule`), invertible at s = 1. ``max_sigma`` < 1 clamps the top level (diffinv's earlier 0.999:
+    sampling 1e-3 off the pipelines, at most 333 steps at shift 3).
     """
 
     default_max_shift: ClassVar[float]
@@ -64,7 +64,7 @@ class Flow:
         """(eps, x0) at the latent's own level s: x = z sqrt((1 - s)^2 + s^2), v = transformer(x, t),
         eps = x + (1 - s) v, x0 = x - s v (the class docstring)."""
         s = self.sigma(backbone, t, alpha)
-        x = z * ((1 - s) ** 2 + s**2).sqrt().to(z.dtype)
+        x = z * flow_norm(s).to(z.dtype)
         v = self.denoise(backbone, x, t, cond).to(z.dtype)
         return x + (1 - s).to(z.dtype) * v, x - s.to(z.dtype) * v
 

@@ -44,8 +44,6 @@ class CoupledStep:
     top: int | None = None
     """The level the run started from (set by :meth:`start`): the leapfrog order counts steps from it."""
 
-    kind = "coupled"
-
     def start(self, z: Tensor, level: int) -> None:
         self.y = z if self.y_start is None else self.y_start
         self.top = level

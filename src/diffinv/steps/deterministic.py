@@ -16,8 +16,6 @@ class DeterministicStep:
     corrected by the rule (ProxNPI's reconstruction guidance), then z_{k-1} = sqrt(a_{k-1}) x0 + sqrt(1 - a_{k-1})
     eps, corrected by the rule (ProxNPI's inversion guidance)."""
 
-    kind = "ddim"
-
     def start(self, z: Tensor, level: int) -> None:
         pass
 

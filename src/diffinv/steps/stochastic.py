@@ -23,8 +23,6 @@ class StochasticStep(DeterministicStep):
     variance: Variance = "ddim"
     """The direction coefficient's variance (:data:`diffinv.ddim.Variance`): the record's, which its noise absorbs."""
 
-    kind = "stochastic"
-
     def land(self, x0: Tensor, eps: Tensor, k: int, schedule: Schedule) -> Tensor:
         sigma = direction_sigma(schedule.alphas[k], schedule.alphas[k - 1], self.eta, self.variance)
         return ddim_mean(x0, eps, schedule.alphas[k - 1].to(x0.dtype), sigma) + self.noise[k - 1]  # eq. 12
