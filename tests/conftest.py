@@ -14,7 +14,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import (  # noqa: E402
-    build_tiny_flux, build_tiny_model, build_tiny_sd3, build_tiny_sd3_t5, build_tiny_sd35, build_tiny_sdxl)
+    build_tiny_flux, build_tiny_model, build_tiny_sd3, build_tiny_sd3_t5, build_tiny_sd35, build_tiny_sd3_wide_pooled,
+    build_tiny_sdxl)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,7 @@ FAMILIES = [("tiny_model_dir", "tiny_backbone", build_tiny_model, {}),
             ("tiny_sd3_dir", "tiny_sd3", build_tiny_sd3, {}),
             ("tiny_sd3_t5_dir", "tiny_sd3_t5", build_tiny_sd3_t5, {}),
             ("tiny_sd35_dir", "tiny_sd35", build_tiny_sd35, {}),
+            ("tiny_sd3_wide_dir", "tiny_sd3_wide", build_tiny_sd3_wide_pooled, {}),
             ("tiny_flux_dir", "tiny_flux", build_tiny_flux, {}),
             ("tiny_flux_schnell_dir", "tiny_flux_schnell", build_tiny_flux, {"guidance_embeds": False})]
 for _folder, _backbone, _build, _kw in FAMILIES:  # pytest collects fixtures from the module's attributes

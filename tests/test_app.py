@@ -121,6 +121,17 @@ def test_optimizing_methods_report_progress(studio, settings, tmp_path, method):
     assert studio.edit(session, EditSettings(TARGET)).image.path.is_file()
 
 
+def test_progress_follows_a_flux_models_fractional_timesteps(tmp_path, tiny_flux_dir):
+    """FLUX's transformer sees t / 1000 and its timesteps are fractional: the steps are counted from the schedule's
+    own timesteps, every one of them, in each phase."""
+    studio = Studio(tmp_path / "served", device="cpu", models=[str(tiny_flux_dir)])
+    seen = []
+    studio.invert(studio.session("flux"), picture(tmp_path / "cat.png", size=(32, 32)), SOURCE,
+                  InvertSettings(str(tiny_flux_dir), "NPI", 3), progress=lambda f, what: seen.append(what))
+    for phase in ("inverting", "sampling"):
+        assert [w.split(": ")[1] for w in seen if w.startswith(phase)][-3:] == ["step 1/3", "step 2/3", "step 3/3"]
+
+
 def test_proxnpi_shows_its_edit_mask(studio, settings, tmp_path):
     session = studio.session("prox")
     studio.invert(session, picture(tmp_path / "cat.png"), SOURCE, InvertSettings(settings.model, "ProxNPI", 4,

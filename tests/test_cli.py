@@ -40,7 +40,8 @@ def test_every_config_is_covered():
     assert {"edit_p2p_replace.yaml", "edit_sdedit.yaml"} <= set(METHOD_CONFIGS)  # edit_with: their editors
 
 
-EDIT_WITH = {"diffinv.editing.PromptToPrompt": "prompt_to_prompt", "diffinv.editing.SDEdit": "sdedit"}
+EDIT_WITH = {"diffinv.editing.PromptToPrompt": "prompt_to_prompt", "diffinv.editing.SDEdit": "sdedit",
+             "diffinv.editing.pie_bench.PieBenchP2P": "prompt_to_prompt"}
 """What metrics.jsonl's ``edit_with`` says of each editor a config may name (none: 'prompt')."""
 
 

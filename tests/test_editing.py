@@ -5,8 +5,9 @@ import torch
 
 from diffinv import BackboneConfig, DiffinvError, NegativePromptInversion
 from diffinv.editing import PromptToPrompt, SDEdit
-from diffinv.editing.alignment import equalizer, global_alignment, refine_mapping, replace_mapping
+from diffinv.editing.alignment import global_alignment, refine_mapping, replace_mapping
 from diffinv.editing.prompt_to_prompt import AttentionController
+from diffinv.models import Segment, TextLayout
 from diffinv.shapes.tokenizer import load_tokenizer
 from test_methods import item
 
@@ -16,6 +17,12 @@ STEPS = 5
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def layout(tok):
+    """A UNet model's layout: one CLIP segment."""
+    return TextLayout((Segment("clip", 0, tok.model_max_length, tok),), width=32)
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +66,26 @@ def test_refine_alignment_and_new_words(tok):
     assert m[1, 1] == 1 and m[2, 3] == 1 and m[3, 4] == 1  # a, red, car aligned
 
 
-def test_equalizer_scales_only_the_words(tok):
-    eq = equalizer(tok, "a big red car", ["red"], 3.0)
-    assert eq[3] == 3.0 and eq[[0, 1, 2, 4]].tolist() == [1.0] * 4
+def test_reweighting_scales_only_the_words_of_the_target(layout):
+    c = PromptToPrompt(mode="refine", reweight_words=["red"], reweight_scale=3.0).controller(
+        layout, sources=["a red car", "a red car"], targets=[None, "a big red car"], source_index=[0, 0],
+        num_steps=5, latent_hw=(8, 8))
+    assert c.equalizer[1, 3] == 3.0 and c.equalizer[1, [0, 1, 2, 4]].tolist() == [1.0] * 4
+    assert c.equalizer[0].eq(1).all()  # the source row is never reweighted
 
 
-def test_cross_replace_schedule_per_word(tok):
+def test_cross_replace_schedule_per_word(layout):
     p2p = PromptToPrompt(cross_replace_steps={"default": 1.0, "dog": 0.4})
-    alpha = p2p._cross_alpha(tok, "a dog on the grass", 10)
+    alpha = p2p._cross_alpha(layout, "a dog on the grass", 10)
     assert alpha[:, 2].sum() == 4 and alpha[:, 1].sum() == 10
 
 
-def test_cross_replace_steps_count_as_the_reference_and_take_bounds(tok):
+def test_cross_replace_steps_count_as_the_reference_and_take_bounds(layout):
     # the reference: steps s < int(f (N + 1)); 0.25 of 10 steps is int(2.75) = 2 steps (ceil(2.5) = 3 would differ)
-    assert PromptToPrompt(cross_replace_steps=0.25)._cross_alpha(tok, "a dog", 10)[:, 1].tolist() == [1] * 2 + [0] * 8
-    window = PromptToPrompt(cross_replace_steps=(0.2, 0.6))._cross_alpha(tok, "a dog", 10)[:, 1]
+    assert PromptToPrompt(cross_replace_steps=0.25)._cross_alpha(layout, "a dog", 10)[:, 1].tolist() == [1] * 2 + [0] * 8
+    window = PromptToPrompt(cross_replace_steps=(0.2, 0.6))._cross_alpha(layout, "a dog", 10)[:, 1]
     assert window.nonzero().flatten().tolist() == [2, 3, 4, 5]  # int(2.2) .. int(6.6) - 1
-    per_word = PromptToPrompt(cross_replace_steps={"default": 0.8, "dog": [0.1, 0.5]})._cross_alpha(tok, "a dog", 10)
+    per_word = PromptToPrompt(cross_replace_steps={"default": 0.8, "dog": [0.1, 0.5]})._cross_alpha(layout, "a dog", 10)
     assert per_word[:, 2].nonzero().flatten().tolist() == [1, 2, 3, 4] and per_word[:, 1].sum() == 8
     with pytest.raises(DiffinvError, match="cross_replace_steps"):
         PromptToPrompt(cross_replace_steps=(0.6, 0.2))
@@ -83,9 +93,9 @@ def test_cross_replace_steps_count_as_the_reference_and_take_bounds(tok):
         PromptToPrompt(substruct_words=["cat"])
 
 
-def test_local_blend_region_is_upsampled_nearest_and_united_with_the_source(tok):
+def test_local_blend_region_is_upsampled_nearest_and_united_with_the_source(layout):
     c = PromptToPrompt(local_blend_words=["cat", "dog"]).controller(
-        tok, sources=["a cat", "a cat"], targets=[None, "a dog"], source_index=[0, 0], num_steps=5, latent_hw=(8, 8))
+        layout, sources=["a cat", "a cat"], targets=[None, "a dog"], source_index=[0, 0], num_steps=5, latent_hw=(8, 8))
     maps = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.2, 0.2, 0.2]])  # 2x2 maps (8/4 per side)
     region = c._region({4: maps}, 0.5, pool=False)
     expected = torch.zeros(8, 8, dtype=torch.bool)

@@ -243,7 +243,7 @@ def test_diffusion_predict_keeps_eps_and_gives_x0_at_the_latents_level(family, t
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = bb.encode_prompts(["a photo of a cat"])
     with torch.no_grad():
-        raw = bb.family.denoise(bb, z, s.timesteps[2], cond)
+        raw = bb.family.denoise(bb, z, s.timesteps[2], bb.layout.unpack(cond))
         eps, x0 = bb.predict(z, s.timesteps[2], cond)
         eps_at, x0_at = bb.predict(z, s.timesteps[2], cond, s.alphas[2])
     assert torch.equal(eps, raw) and torch.equal(eps_at, raw) and torch.equal(bb.eps(z, s.timesteps[2], cond), raw)
@@ -283,7 +283,7 @@ def test_flow_eps_is_bit_identical_at_the_timesteps_own_level(tiny_sd3):
     with torch.no_grad():
         sig = torch.as_tensor(t).double() / 1000
         x = z * ((1 - sig) ** 2 + sig**2).sqrt().float()
-        expected = x + (1 - sig).float() * bb.family.denoise(bb, x, t, cond)
+        expected = x + (1 - sig).float() * bb.family.denoise(bb, x, t, bb.layout.unpack(cond))
         assert torch.equal(bb.eps(z, t, cond), expected)
 
 
@@ -319,8 +319,9 @@ def assert_sd3_matches_the_pipeline(bb, h: int = 8, w: int = 12):
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             "a photo of a cat", None, None, device="cpu", do_classifier_free_guidance=True)
         cond, null = bb.encode_prompts(["a photo of a cat"]), bb.encode_prompts([""])
-        assert torch.equal(cond[:, :-1], embeds) and torch.equal(cond[:, -1, :16], pooled)
-        assert torch.equal(null[:, :-1], negative) and torch.equal(null[:, -1, :16], negative_pooled)
+        (tokens, pooled_ours), (null_tokens, null_pooled) = bb.layout.unpack(cond), bb.layout.unpack(null)
+        assert torch.equal(tokens, embeds) and torch.equal(pooled_ours, pooled)
+        assert torch.equal(null_tokens, negative) and torch.equal(null_pooled, negative_pooled)
         z_T = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(1))
         theirs = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
                       negative_pooled_prompt_embeds=negative_pooled, height=2 * h, width=2 * w,
@@ -331,9 +332,11 @@ def assert_sd3_matches_the_pipeline(bb, h: int = 8, w: int = 12):
     assert gap <= 1e-5 * float(theirs.abs().max()), gap
 
 
-@pytest.mark.parametrize("model", ["sd3_t5", "sd35"])
-def test_sd3_with_t5_and_sd35_are_the_pipelines(model, tiny_sd3_t5, tiny_sd35):
-    bb = {"sd3_t5": tiny_sd3_t5, "sd35": tiny_sd35}[model]
+@pytest.mark.parametrize("model", ["sd3_t5", "sd35", "sd3_wide_pooled"])
+def test_sd3_with_t5_and_sd35_are_the_pipelines(model, tiny_sd3_t5, tiny_sd35, tiny_sd3_wide):
+    """SD 3 with T5, SD 3.5, and an SD 3 whose pooled embedding (48) is wider than its token states (32): its
+    conditioning takes two rows for the pooled embedding (refused before the typed layout)."""
+    bb = {"sd3_t5": tiny_sd3_t5, "sd35": tiny_sd35, "sd3_wide_pooled": tiny_sd3_wide}[model]
     assert isinstance(bb.family, StableDiffusion3) and bb.family.t5 and bb.text_encoder_3 is not None
     assert_sd3_matches_the_pipeline(bb)
 

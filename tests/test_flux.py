@@ -68,7 +68,7 @@ def test_flux_denoiser_is_the_pipelines_transformer_call_on_packed_latents(flux)
                            guidance=guidance, pooled_projections=cond[:, -1, :16], encoder_hidden_states=cond[:, :-1],
                            txt_ids=torch.zeros(512, 3),
                            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32)).sample
-        ours = flux.family.denoise(flux, z, t, cond)
+        ours = flux.family.denoise(flux, z, t, flux.layout.unpack(cond))
     assert ours.shape == z.shape
     assert torch.equal(FluxPipeline._pack_latents(ours, 2, 16, 8, 12), theirs)
 

@@ -152,8 +152,9 @@ def tiny_t5(d_model: int):
     return tokenizer, encoder
 
 
-def _save_sd3_with_t5(folder: Path, seed: int, **transformer_kw) -> Path:
-    """A StableDiffusion3Pipeline of tiny components with a T5 (text_encoder_3), saved by the pipeline."""
+def _save_sd3_with_t5(folder: Path, seed: int, projection: int = 8, **transformer_kw) -> Path:
+    """A StableDiffusion3Pipeline of tiny components with a T5 (text_encoder_3), saved by the pipeline; each CLIP
+    projects to ``projection`` (the pooled embedding is both side by side)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextModelWithProjection
@@ -161,7 +162,8 @@ def _save_sd3_with_t5(folder: Path, seed: int, **transformer_kw) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     tokenizers = [_clip_tokenizer(folder / sub) for sub in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModelWithProjection(_clip_config(tokenizers[0], 8, projection_dim=8)) for _ in range(2)]
+    encoders = [CLIPTextModelWithProjection(_clip_config(tokenizers[0], 8, projection_dim=projection))
+                for _ in range(2)]
     tokenizer_3, encoder_3 = tiny_t5(32)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
@@ -169,8 +171,8 @@ def _save_sd3_with_t5(folder: Path, seed: int, **transformer_kw) -> Path:
                         shift_factor=0.0609)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
-                                        **transformer_kw)
+                                        pooled_projection_dim=2 * projection, out_channels=4,
+                                        pos_embed_max_size=16, **transformer_kw)
     StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
@@ -188,6 +190,12 @@ def build_tiny_sd35(folder: Path, seed: int = 0) -> Path:
     """SD 3.5 at toy size: SD 3 with T5 and SD 3.5's transformer (MMDiT-X dual attention in layer 0, RMS q/k
     norm)."""
     return _save_sd3_with_t5(folder, seed, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def build_tiny_sd3_wide_pooled(folder: Path, seed: int = 0) -> Path:
+    """SD 3 with T5 whose pooled embedding (2 x 24 = 48) is wider than its token states (32), as
+    StableDiffusion3Pipeline runs it (SD 3's own: 2048 pooled, 4096 tokens; nothing in diffusers ties them)."""
+    return _save_sd3_with_t5(folder, seed, projection=24)
 
 
 def build_tiny_flux(folder: Path, guidance_embeds: bool = True, seed: int = 0) -> Path:

@@ -16,6 +16,14 @@ _EXPORTS = {
     "ProximalGuidance": ".guidance",
     "Inversion": ".inversion",
     "InversionMethod": ".inversion",
+    "load": ".api",
+    "load_inversion": ".api",
+    "methods": ".api",
+    "Model": ".api",
+    "Inverted": ".api",
+    "Edited": ".api",
+    "PromptToPrompt": ".editing",
+    "SDEdit": ".editing",
 }
 """Names imported on first use; the inversion methods' classes come on top, from their registry
 (:mod:`diffinv.inversion.registry`), imported when one is first asked for."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from .ddim import Schedule
 from .errors import DiffinvError
-from .models import Family, StableDiffusion, family_of, first_line
+from .models import Family, StableDiffusion, TextLayout, family_of, first_line
 
 EMBEDDED_MODEL = "shapes"
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -154,6 +156,17 @@ class Backbone(nn.Module):
         self.eval()
         self.register_buffer("alphas_cumprod", _training_alphas(scheduler), persistent=False)
         self._prompt_cache: dict[str, Tensor] = {}
+        self._watchers: list[Callable[[Tensor], None]] = []
+
+    @contextmanager
+    def watch(self, fn: Callable[[Tensor], None]) -> Iterator[None]:
+        """Within the block, ``fn(t)`` is told the timestep of every prediction (:meth:`predict`), as the schedule
+        gives it (before a family rescales it for its denoiser: FLUX's t / 1000): progress reports."""
+        self._watchers.append(fn)
+        try:
+            yield
+        finally:
+            self._watchers.remove(fn)
 
     @classmethod
     def load(cls, config: BackboneConfig | None = None) -> "Backbone":
@@ -212,13 +225,18 @@ class Backbone(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     # --- text -------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def layout(self) -> TextLayout:
+        """How the family lays a prompt's conditioning out as one (R, D) tensor (:meth:`Family.layout`)."""
+        return self.family.layout(self)
+
     @property
     def max_prompt_tokens(self) -> int:
-        """The token limit of the text encoder that reads the prompt (:meth:`Family.prompt_reader`)."""
-        return self.family.prompt_reader(self)[1]
+        """The token limit of the text encoder that reads the prompt (:attr:`TextLayout.prompt_reader`)."""
+        return self.layout.prompt_reader[1]
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Text embeddings (B, L, D), computed once per distinct prompt and cached.
+        """Text conditioning (B, R, D) laid out by :attr:`layout`, computed once per distinct prompt and cached.
 
         A prompt longer than the limit of the encoder that reads it (CLIP's 77; FLUX's T5, 512) is truncated with a
         warning naming it.
@@ -226,7 +244,7 @@ class Backbone(nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache or (
             self._prompt_cache[p].is_inference() and not torch.is_inference_mode_enabled())]
         if missing:
-            tokenizer, limit = self.family.prompt_reader(self)
+            tokenizer, limit = self.layout.prompt_reader
             special = len(tokenizer("", verbose=False).input_ids)  # CLIP: start and end tokens; T5: the end one
             for p in missing:
                 n = len(tokenizer(p, truncation=False, verbose=False).input_ids)
@@ -237,7 +255,7 @@ class Backbone(nn.Module):
                         stacklevel=2,
                     )
             with torch.no_grad():
-                emb = self.family.encode(self, missing)
+                emb = self.layout.pack(*self.family.encode(self, missing))
             self._prompt_cache.update(zip(missing, emb))
         return torch.stack([self._prompt_cache[p].to(self.device) for p in prompts])
 
@@ -245,8 +263,11 @@ class Backbone(nn.Module):
     def predict(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(eps, x0): the noise and clean-latent predictions in DDIM coordinates for latents z at the level whose
         alpha is ``alpha`` (0-d float64; None: the timestep t's own level), under timestep t and conditioning
-        ``emb``: the model's own output converted by its family (:meth:`diffinv.models.Family.predict`)."""
-        return self.family.predict(self, z, t, emb, alpha)
+        ``emb`` (B, R, D, laid out by :attr:`layout`): the model's own output converted by its family
+        (:meth:`diffinv.models.Family.predict`)."""
+        for fn in self._watchers:
+            fn(t)
+        return self.family.predict(self, z, t, self.layout.unpack(emb), alpha)
 
     def eps(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> Tensor:
         """The noise prediction eps_theta(z, t, emb) the DDIM solver needs: ``predict(...)[0]``."""

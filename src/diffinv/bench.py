@@ -13,6 +13,14 @@ run. Runs share the bench's interpreter (imports paid once); a run with its own 
 * ``<metric>.png``: bars per method (one step count) or lines over the step counts (a sweep); none for a
   metric without a single value (an unavailable LPIPS, say);
 * ``tensorboard/``: the same means as scalars (``<table>/<metric>/<label>`` at step = N).
+
+``table: pie_bench`` is PIE-Bench's table (Ju et al. 2024, Table 1) in its columns and units
+(:data:`diffinv.metrics.PIE_BENCH_COLUMNS`: structure distance x10^3, background PSNR, LPIPS x10^3, MSE x10^4,
+SSIM x10^2, CLIP whole and edited), measured as its evaluation code measures them: on each edit's 8-bit PNG against
+the run's ``source.png``, with the item's mask from the ``mapping_file.json`` of the runs' ``--data.pie_bench``.
+``results.csv`` / ``results.md`` hold the overall table (values in those units; the CI is ours, the paper gives
+means), ``results_by_type.csv`` / ``results_by_type.md`` the same per editing type (their 10, from
+``editing_type_id``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import DiffinvError
+from .metrics import DINO_MODEL, PIE_BENCH_CLIP, PIE_BENCH_COLUMNS
 from .output import NAME_MAX, resolve_output_dir
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -36,7 +45,10 @@ TABLE_METRICS = {
     "reconstruction": ["psnr", "ssim", "mse", "lpips_alex", "lpips_vgg", "seconds"],
     "editing": ["shapes_edit_accuracy", "shapes_others_kept", "clip_score", "psnr", "ssim", "lpips_alex", "lpips_vgg",
                 "psnr_unedited", "ssim_unedited", "lpips_alex_unedited", "clip_score_edited", "seconds"],
+    "pie_bench": list(PIE_BENCH_COLUMNS),
 }
+HEADINGS = {metric: heading for metric, (heading, _) in PIE_BENCH_COLUMNS.items()}
+"""Column headings of results.md where they differ from the metric's name (PIE-Bench's, with their units)."""
 
 
 @dataclass
@@ -51,7 +63,8 @@ class Run:
     """Extra command-line options for this run."""
 
 
-REPORT_NAMES = ("results.csv", "results.md", "tensorboard", *(f"{m}.png" for ms in TABLE_METRICS.values() for m in ms))
+REPORT_NAMES = ("results.csv", "results.md", "results_by_type.csv", "results_by_type.md", "tensorboard",
+                *(f"{m}.png" for ms in TABLE_METRICS.values() for m in ms))
 """What the bench writes beside the runs' folders in its --output_dir (no run label may take one of these)."""
 
 
@@ -183,27 +196,137 @@ def shapes_edit_scores(line: dict, run_dir: Path) -> dict:
             "shapes_others_kept": float(all(read[k] == target[k] for k in target if k not in changed))}
 
 
+def _run_lines(output_dir: Path, run: Run, steps: list[int | None]):
+    """(step count, run folder, its metrics.jsonl lines) of each step count the run finished."""
+    for n in steps:
+        run_dir = output_dir / run.label / f"steps-{n or 'default'}"
+        index = run_dir / "metrics.jsonl"
+        if index.is_file():
+            yield n, run_dir, [json.loads(x) for x in index.read_text().splitlines() if x.strip()]
+
+
 def aggregate(output_dir: Path, runs: list[Run], steps: list[int | None], table: str) -> list[dict]:
     kind = "reconstruction" if table == "reconstruction" else "edit"
     rows = []
     for run in runs:
-        for n in steps:
-            run_dir = output_dir / run.label / f"steps-{n or 'default'}"
-            index = run_dir / "metrics.jsonl"
-            if not index.is_file():
-                continue
-            lines = [json.loads(x) for x in index.read_text().splitlines() if x.strip()]
+        for n, run_dir, lines in _run_lines(output_dir, run, steps):
             lines = [x | shapes_edit_scores(x, run_dir) if kind == "edit" else x for x in lines if x["kind"] == kind]
             for metric in TABLE_METRICS[table]:
                 values = [x.get(metric) for x in lines if metric in x]
                 if not values:
                     continue
-                numbers = [metric_value(v) for v in values if v != "unavailable"]
-                m, ci, count, bad = mean_ci(numbers)
-                rows.append({"label": run.label, "steps": n if n is not None else lines[0]["num_inference_steps"],
-                             "metric": metric, "mean": m, "ci95": ci, "n": count, "not_finite": bad,
-                             "unavailable": len(values) - len(numbers)})
+                rows.append(summary(values, label=run.label, metric=metric,
+                                    steps=n if n is not None else lines[0]["num_inference_steps"]))
     return rows
+
+
+def fmt(r: dict | None) -> str:
+    """A table cell: mean ± 95% CI, or why there is no number."""
+    if r is None:
+        return ""
+    if r["n"] == 0:  # no finite value: every one was unavailable, or not finite (null: a PSNR inf, say)
+        return "unavailable" if r["unavailable"] else "not finite"
+    text = f"{r['mean']:.3f}" + ("" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.3f}")
+    return text + (f" ({r['not_finite']} not finite)" if r["not_finite"] else "")
+
+
+def summary(values: list, **key) -> dict:
+    """One row of results.csv: ``key`` (label, steps, metric, ...) and the statistics of ``values``, where
+    "unavailable" is counted apart and null (not finite) as NaN."""
+    numbers = [metric_value(v) for v in values if v != "unavailable"]
+    m, ci, count, bad = mean_ci(numbers)
+    return key | {"mean": m, "ci95": ci, "n": count, "not_finite": bad, "unavailable": len(values) - len(numbers)}
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    """The value of option ``name`` in command-line arguments (``--x v`` or ``--x=v``; the last one counts)."""
+    value = None
+    for k, a in enumerate(argv):
+        if a == name and k + 1 < len(argv):
+            value = argv[k + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def read_pixels(path: Path):
+    """(3, H, W) uint8 RGB tensor of an image file (as PIE-Bench's evaluation opens it: PIL, 8 bits)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def pie_bench_item(run_dir: Path, line: dict, entry: dict, clip_model: str | None, dino_model: str) -> dict:
+    """PIE-Bench's metrics of one edit line of a run (raw units), its mask from its mapping ``entry``, resized to
+    the image with nearest neighbours where the model's size is not PIE-Bench's 512."""
+    import torch
+
+    from .data.sources import pie_bench_mask
+    from .metrics import pie_bench_scores
+
+    source = read_pixels(run_dir / line["id"] / "source.png")
+    edited = read_pixels(run_dir / line["image_path"])
+    mask = torch.from_numpy(pie_bench_mask(entry.get("mask") or []))
+    if tuple(mask.shape) != tuple(edited.shape[-2:]):
+        mask = torch.nn.functional.interpolate(mask[None, None].float(), size=tuple(edited.shape[-2:]),
+                                               mode="nearest")[0, 0] > 0.5
+    return pie_bench_scores(source, edited, mask, line["target_prompt"], clip_model, dino_model)
+
+
+def aggregate_pie_bench(output_dir: Path, runs: list[Run], steps: list[int | None], roots: dict[str, Path],
+                        clip_model: str | None = PIE_BENCH_CLIP,
+                        dino_model: str = DINO_MODEL) -> tuple[list[dict], list[dict]]:
+    """(overall rows, per-editing-type rows) of PIE-Bench's table, each value scaled to the paper's units
+    (:data:`~diffinv.metrics.PIE_BENCH_COLUMNS`). ``roots``: each run label's PIE-Bench folder."""
+    from .data.sources import PIE_BENCH_TYPES, pie_bench_annotations
+
+    overall, by_type = [], []
+    for run in runs:
+        if run.label not in roots:
+            continue
+        entries = pie_bench_annotations(roots[run.label])
+        for n, run_dir, lines in _run_lines(output_dir, run, steps):
+            edits = [x for x in lines if x["kind"] == "edit" and x["id"] in entries]
+            if not edits:
+                continue
+            scored = [(str(entries[x["id"]].get("editing_type_id", "")),
+                       pie_bench_item(run_dir, x, entries[x["id"]], clip_model, dino_model)) for x in edits]
+            step = n if n is not None else edits[0]["num_inference_steps"]
+            types = sorted({t for t, _ in scored}, key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
+            for metric, (_, factor) in PIE_BENCH_COLUMNS.items():
+                scale = lambda v: v if v == "unavailable" else v * factor  # noqa: E731
+                overall.append(summary([scale(s[metric]) for _, s in scored if metric in s], label=run.label,
+                                       steps=step, metric=metric))
+                for t in types:
+                    values = [scale(s[metric]) for tt, s in scored if tt == t and metric in s]
+                    by_type.append(summary(values, label=run.label, steps=step, editing_type_id=t,
+                                           editing_type=PIE_BENCH_TYPES.get(t, t), metric=metric))
+    return [r for r in overall if r["n"] + r["not_finite"] + r["unavailable"]], by_type
+
+
+def write_type_table(output_dir: Path, rows: list[dict]) -> None:
+    """results_by_type.csv and .md: PIE-Bench's table per editing type (a block of rows per type)."""
+    fields = ["label", "steps", "editing_type_id", "editing_type", "metric", "mean", "ci95", "n", "not_finite",
+              "unavailable"]
+    with open(output_dir / "results_by_type.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = [m for m in PIE_BENCH_COLUMNS if any(r["metric"] == m for r in rows)]
+    keys = list(dict.fromkeys((r["editing_type_id"], r["label"], r["steps"]) for r in rows))
+    keys.sort(key=lambda k: (not k[0].isdigit(), int(k[0]) if k[0].isdigit() else 0, k[0]))
+    cell = {(r["editing_type_id"], r["label"], r["steps"], r["metric"]): r for r in rows}
+    lines = ["| editing type | method | steps | n | " + " | ".join(HEADINGS[m] for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    for t, label, n in keys:
+        present = [cell[(t, label, n, m)] for m in metrics if (t, label, n, m) in cell]
+        count = max(r["n"] + r["not_finite"] + r["unavailable"] for r in present)
+        name = present[0]["editing_type"]
+        lines.append(f"| {t} {name} | {label} | {n} | {count} | "
+                     + " | ".join(fmt(cell.get((t, label, n, m))) for m in metrics) + " |")
+    (output_dir / "results_by_type.md").write_text("\n".join(lines) + "\n")
 
 
 def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
@@ -214,16 +337,8 @@ def write_reports(output_dir: Path, rows: list[dict], table: str) -> None:
     metrics = [m for m in TABLE_METRICS[table] if any(r["metric"] == m for r in rows)]
     keys = list(dict.fromkeys((r["label"], r["steps"]) for r in rows))
     cell = {(r["label"], r["steps"], r["metric"]): r for r in rows}
-
-    def fmt(r: dict | None) -> str:
-        if r is None:
-            return ""
-        if r["n"] == 0:  # no finite value: every one was unavailable, or not finite (null: a PSNR inf, say)
-            return "unavailable" if r["unavailable"] else "not finite"
-        text = f"{r['mean']:.3f}" + ("" if math.isnan(r["ci95"]) else f" ± {r['ci95']:.3f}")
-        return text + (f" ({r['not_finite']} not finite)" if r["not_finite"] else "")
-
-    lines = ["| method | steps | n | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
+    lines = ["| method | steps | n | " + " | ".join(HEADINGS.get(m, m) for m in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
     for label, n in keys:
         count = max(cell[(label, n, m)]["n"] + cell[(label, n, m)]["unavailable"] for m in metrics if (label, n, m) in cell)
         lines.append(f"| {label} | {n} | {count} | " + " | ".join(fmt(cell.get((label, n, m))) for m in metrics) + " |")
@@ -297,20 +412,26 @@ def run_one(argv: list[str]) -> int:
 
 
 def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
-              table: Literal["reconstruction", "editing"] = "reconstruction", args: list[str] | None = None,
-              only: list[str] | None = None, base: str | None = None) -> list[dict]:
+              table: Literal["reconstruction", "editing", "pie_bench"] = "reconstruction",
+              args: list[str] | None = None, only: list[str] | None = None, base: str | None = None,
+              clip_model: str | None = PIE_BENCH_CLIP, dino_model: str = DINO_MODEL) -> list[dict]:
     """Run every (run, step count), then aggregate (see the module docstring).
 
     Args:
         runs: The methods (label, config, extra options).
         output_dir: Where each run writes (OUTPUT_DIR/<label>/steps-<N>/) and the reports go.
         steps: Step counts to run each method at; none: each config's own.
-        table: Which metrics the report shows.
+        table: Which metrics the report shows; 'pie_bench': PIE-Bench's table, overall and per editing type
+            (every run needs --data.pie_bench among its arguments).
         args: Extra command-line options for every run (e.g. another model or data set).
         only: Run only the runs with these labels (e.g. to redo a few after deleting their folders); the report
             still covers every run whose results are in ``output_dir``.
         base: The bench config's folder: relative paths of runs and args not found from the current folder are
             looked up there and one folder above (set from ``-c``).
+        clip_model: The pie_bench table's CLIP (PIE-Bench: openai/clip-vit-large-patch14): a hub id in the local
+            cache or a folder; none: no CLIP columns.
+        dino_model: The pie_bench table's structure-distance network (PIE-Bench: DINO ViT-B/8): a hub id in the
+            local cache or a folder of a transformers ViT.
     """
     bases = [Path(base), Path(base).parent] if base else []
     out = resolve_output_dir(output_dir)
@@ -320,6 +441,14 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
         if unknown:
             raise DiffinvError(f"--only names no run of this benchmark: {', '.join(unknown)}")
     out.mkdir(parents=True, exist_ok=True)
+    roots = {}
+    if table == "pie_bench":
+        for run in runs:
+            root = option_value(resolve_args([*(args or []), *run.args], bases), "--data.pie_bench")
+            if root is None:
+                raise DiffinvError(f"table pie_bench: run {run.label!r} has no --data.pie_bench (give PIE-Bench's "
+                                   "folder in the bench's args or the run's)")
+            roots[run.label] = Path(root)
     plan = [(run, n) for run in runs if not only or run.label in only for n in (steps or [None])]
     started = time.perf_counter()
     for k, (run, n) in enumerate(plan):
@@ -335,12 +464,20 @@ def run_bench(runs: list[Run], output_dir: str, steps: list[int] | None = None,
         if returncode != 0:
             raise DiffinvError(f"benchmark run {run.label!r}" + (f" at {n} steps" if n else "") +
                                f" failed (exit {returncode}); its command: {' '.join(cmd)}")
-    rows = aggregate(out, runs, steps or [None], table)
+    if table == "pie_bench":
+        rows, by_type = aggregate_pie_bench(out, runs, steps or [None], roots, clip_model, dino_model)
+    else:
+        rows, by_type = aggregate(out, runs, steps or [None], table), []
     if not rows:
         raise DiffinvError(f"no results to aggregate in {out}")
     write_reports(out, rows, table)
+    if by_type:
+        write_type_table(out, by_type)
     print((out / "results.md").read_text())
-    print(f"diffinv bench: wrote {out / 'results.csv'}, {out / 'results.md'}, plots and {out / 'tensorboard'}")
+    if by_type:
+        print((out / "results_by_type.md").read_text())
+    print(f"diffinv bench: wrote {out / 'results.csv'}, {out / 'results.md'}, "
+          + (f"{out / 'results_by_type.md'}, " if by_type else "") + f"plots and {out / 'tensorboard'}")
     return rows
 
 
@@ -355,5 +492,6 @@ def main(argv: list[str]) -> None:
     init = parser.instantiate_classes(cfg)
     configs = [v for flag, v in zip(argv, argv[1:]) if flag in ("-c", "--config")]
     base = str(Path(configs[-1]).expanduser().resolve().parent) if configs else None
-    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args", "only")},
+    run_bench(**{k: init[k] for k in ("runs", "output_dir", "steps", "table", "args", "only", "clip_model",
+                                      "dino_model")},
               base=init.get("base") or base)

@@ -103,6 +103,36 @@ class FlowSchedule(Schedule):
     def invertible_from(self, k: int) -> bool:
         return True
 
+    def level_timestep(self, j: int) -> Tensor:
+        """The timestep of level j: t_j for j >= 1, 0 for level 0 (s = 0, the clean latent; a flow's timestep is
+        s T). Where a solver evaluates the velocity on the latent of the level it leaves (RF-Solver, FireFlow,
+        RF-Inversion invert from level 0 as their papers do)."""
+        return self.timesteps[j - 1] if j >= 1 else torch.zeros((), dtype=self.timesteps.dtype,
+                                                                  device=self.timesteps.device)
+
+    def midpoint(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(s, timestep, alpha) halfway between levels k - 1 and k: s = (s_{k-1} + s_k) / 2, its timestep
+        (t_{k-1} + t_k) / 2 (exact: the scheduler's timesteps are s T, linear in s; t_0 = 0) and its DDIM alpha
+        (:func:`flow_alpha`). The point RF-Solver and FireFlow evaluate their second velocity at."""
+        s = (self.sigmas[k - 1] + self.sigmas[k]) / 2
+        t = (self.level_timestep(k - 1) + self.level_timestep(k)) / 2
+        return s, t, flow_alpha(s)
+
+
+def flow_alpha(s: Tensor) -> Tensor:
+    """The DDIM alpha (1 - s)^2 / ((1 - s)^2 + s^2) of a rectified-flow latent at sigma s (:class:`FlowSchedule`)."""
+    return (1 - s) ** 2 / flow_norm(s) ** 2
+
+
+def flow_x(z: Tensor, s: Tensor) -> Tensor:
+    """The flow latent x = z sqrt((1 - s)^2 + s^2) of DDIM-coordinate latents z at sigma s."""
+    return z * flow_norm(s).to(z.dtype)
+
+
+def flow_z(x: Tensor, s: Tensor) -> Tensor:
+    """The DDIM-coordinate latents z = x / sqrt((1 - s)^2 + s^2) of a flow latent x at sigma s."""
+    return x / flow_norm(s).to(x.dtype)
+
 
 def make_schedule(alphas_cumprod: Tensor, timesteps: Tensor, final_alpha_cumprod: float) -> Schedule:
     """Levels for the given sampling ``timesteps`` (any order; e.g. a diffusers scheduler's ``timesteps``)."""

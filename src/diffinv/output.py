@@ -360,12 +360,16 @@ def append_lines(output_dir: Path, lines: list[dict]) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def save_png(image, path: Path) -> None:
-    """(3, H, W) float image in [0, 1] -> 8-bit PNG."""
+def to_pil(image):
+    """(3, H, W) float image in [0, 1] -> an 8-bit PIL image (what the PNGs hold)."""
     from PIL import Image
 
-    arr = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    return Image.fromarray((image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def save_png(image, path: Path) -> None:
+    """(3, H, W) float image in [0, 1] -> 8-bit PNG."""
+    to_pil(image).save(path)
 
 
 def write_item(output_dir: Path, item_id: str, images: dict, lines: list[dict], record) -> None:

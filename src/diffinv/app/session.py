@@ -14,8 +14,6 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +31,7 @@ from ..guidance import ProximalGuidance
 from ..inversion import Inversion, InversionMethod, check_record, registry
 from ..metrics import psnr
 from ..output import save_png
+from ..progress import Progress, model_progress
 from .guard import SESSIONS, ModelMenu
 
 METHODS: dict[str, type[InversionMethod]] = {m.label: m.cls for m in registry.methods(in_app=True)}
@@ -48,7 +47,6 @@ EDITORS: tuple[str, ...] = EditorName.__args__
 MAX_EDITS = 64
 """Edits kept per session; older ones leave the gallery (their files stay in the session's folder)."""
 
-Progress = Callable[[float, str], None]
 """Told the fraction done (0..1) and what is being done."""
 
 
@@ -200,36 +198,6 @@ def _caught(found: list[warnings.WarningMessage]) -> list[str]:
     return seen
 
 
-@contextmanager
-def unet_progress(unet: torch.nn.Module, timesteps: Tensor, phases: list[str], report: Progress) -> Iterator[None]:
-    """Report progress from the UNet's calls (a forward pre-hook: no method knows of it). A phase runs the
-    timesteps one way: inversion up, then each optimisation or sampling pass down from the top."""
-    order = {int(t): i for i, t in enumerate(timesteps.tolist())}
-    n = len(order)
-    state = {"phase": 0, "last": None, "down": False}
-
-    def hook(module, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        i = order.get(int(t.flatten()[0]) if isinstance(t, Tensor) else int(t))
-        if i is None:
-            return
-        last = state["last"]
-        if last is not None and i < last and not state["down"]:
-            state["phase"], state["down"] = state["phase"] + 1, True  # inversion done: optimising or sampling
-        elif last is not None and i > last and state["down"]:
-            state["phase"] += 1  # a descent ended and a new one starts at the top (sampling after optimising)
-        state["last"] = i
-        p = min(state["phase"], len(phases) - 1)
-        within = (n - i) / n if state["down"] else (i + 1) / n
-        report(min(0.99, (p + within) / len(phases)), f"{phases[p]}: step {(n - i) if state['down'] else i + 1}/{n}")
-
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class Studio:
     """The models and the folder of one ``diffinv serve``; the sessions' work runs here.
 
@@ -366,7 +334,7 @@ class Studio:
                 optimizes = registry.by_label(settings.method).optimizes
                 phases = ["inverting", "optimising", "sampling"] if optimizes else ["inverting", "sampling"]
                 t0 = time.perf_counter()
-                with unet_progress(method.backbone.unet, method.backbone.schedule(steps).timesteps, phases, progress):
+                with model_progress(method.backbone, method.backbone.schedule(steps).timesteps, phases, progress):
                     result = method.run_items(items)[0]
                 seconds = time.perf_counter() - t0
             run = self._new_run(session)
@@ -426,7 +394,7 @@ class Studio:
             method = self.method(cls, s.model, record.num_steps, record.guidance_scale, s.quantile, editor)
             if editor is not None:
                 editor.check_model(method.backbone.unet)
-                editor.check(method.backbone.tokenizer, record.source_prompt, [target])
+                editor.check(method.backbone.layout, record.source_prompt, [target])
             masks: list[Tensor] = []
             report = self._sampling(record.num_steps, progress)
 

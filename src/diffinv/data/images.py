@@ -33,6 +33,14 @@ def load_image(path: str | Path) -> np.ndarray:
         raise DiffinvError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DiffinvError(f"cannot read image {path}: not an image file or corrupt ({e})") from None
+    return rgb_array(im, f"image {path}")
+
+
+def rgb_array(im, what: str) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8 RGB: 16-bit and float greys scaled to 8 bits, transparency over white,
+    palettes and other modes converted; an empty one refused naming ``what``."""
+    from PIL import Image
+
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -45,7 +53,7 @@ def load_image(path: str | Path) -> np.ndarray:
         im = Image.alpha_composite(white, im)
     im = im.convert("RGB")
     if min(im.size) < 1:
-        raise DiffinvError(f"image {path} is empty ({im.size[0]}x{im.size[1]})")
+        raise DiffinvError(f"{what} is empty ({im.size[0]}x{im.size[1]})")
     return np.asarray(im, dtype=np.uint8).copy()
 
 

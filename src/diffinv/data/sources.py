@@ -89,17 +89,35 @@ def pie_bench_mask(rle: list[int], shape: tuple[int, int] = (512, 512)) -> np.nd
     return mask
 
 
-def pie_bench_rows(root: str | Path) -> list[InputRow]:
-    """Rows of PIE-Bench (``root/mapping_file.json`` + ``root/annotation_images/``): the source prompt is
-    ``original_prompt``, the single target is ``editing_prompt`` with its ``[ ]`` markers stripped."""
-    root = Path(root)
-    mapping = root / "mapping_file.json"
+PIE_BENCH_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
+                   "4": "change attribute content", "5": "change attribute pose", "6": "change attribute color",
+                   "7": "change attribute material", "8": "change background", "9": "change style"}
+"""PIE-Bench's ten editing types by ``editing_type_id`` (its image folders: ``0_random_140``, ``1_change_object_80``,
+..., ``9_change_style_80``)."""
+
+
+def pie_bench_annotations(path: str | Path) -> dict[str, dict]:
+    """{key: entry} of PIE-Bench's ``mapping_file.json``; ``path`` is the benchmark's folder or the file."""
+    path = Path(path)
+    mapping = path / "mapping_file.json" if path.is_dir() or not path.suffix else path
     if not mapping.is_file():
         raise DiffinvError(f"no PIE-Bench mapping file at {mapping} (expected <root>/mapping_file.json and "
                            "<root>/annotation_images/)")
     entries = read_json(mapping.read_text(), str(mapping))
     if not isinstance(entries, dict):
         raise DiffinvError(f"{mapping}: expected an object of entries, got {_json_type(entries)}")
+    bad = next((k for k, e in entries.items() if not isinstance(e, dict)), None)
+    if bad is not None:
+        raise DiffinvError(f"{mapping}: entry {bad} is {_json_type(entries[bad])}, expected an object")
+    return entries
+
+
+def pie_bench_rows(root: str | Path) -> list[InputRow]:
+    """Rows of PIE-Bench (``root/mapping_file.json`` + ``root/annotation_images/``): the source prompt is
+    ``original_prompt``, the single target is ``editing_prompt`` with its ``[ ]`` markers stripped."""
+    root = Path(root)
+    mapping = root / "mapping_file.json"
+    entries = pie_bench_annotations(root)
     rows = []
     for key, e in sorted(entries.items()):
         try:

@@ -14,25 +14,13 @@ import torch
 from torch import Tensor
 
 from ..errors import DiffinvError
+from ..models import Segment
 
 
 def word_token_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """(word, token positions) of each whitespace-separated word, positions counted after the start token."""
-    spans, pos = [], 1
-    for word in prompt.split():
-        n = len(tokenizer(word, add_special_tokens=False).input_ids)
-        spans.append((word, list(range(pos, pos + n))))
-        pos += n
-    return spans
-
-
-def token_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
-    """Token positions of every occurrence of any of ``words`` in ``prompt`` (case-insensitive); words cut off by
-    the tokenizer's length limit have none."""
-    wanted = {w.lower() for w in words}
-    last = tokenizer.model_max_length - 1  # the end token's place when a prompt is truncated
-    return [p for word, ps in word_token_spans(tokenizer, prompt) if word.lower().strip(".,;:!?") in wanted
-            for p in ps if p < last]
+    """(word, token positions) of each whitespace-separated word, positions counted after the start token (a CLIP
+    tokenizer's :meth:`~diffinv.models.Segment.word_spans`)."""
+    return Segment("clip", 0, tokenizer.model_max_length, tokenizer).word_spans(prompt)
 
 
 def _length(tokenizer, prompt: str) -> int:
@@ -130,10 +118,3 @@ def refine_mapping(tokenizer, source: str, target: str) -> tuple[Tensor, Tensor]
             m[i + 1, j + 1], a[j + 1] = 1.0, 1.0
     _tail_identity(m, a, len(x), len(y))
     return m, a
-
-
-def equalizer(tokenizer, prompt: str, words: list[str], scale: float) -> Tensor:
-    """(L,) attention multipliers: ``scale`` on the tokens of ``words`` in ``prompt``, 1 elsewhere."""
-    eq = torch.ones(tokenizer.model_max_length)
-    eq[token_positions(tokenizer, prompt, words)] = scale
-    return eq

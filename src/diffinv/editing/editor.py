@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 from torch import Tensor
 
 from ..ddim import Schedule
+from ..models import TextLayout
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class SampleRows(Protocol):
 class EditContext:
     """What an editor may read about the batch it edits."""
 
-    tokenizer: object
+    layout: TextLayout
+    """The model's text-token layout (which conditioning rows hold which encoder's tokens)."""
     schedule: Schedule
     item_ids: list[str]
     """Each item's id (seeds SDEdit's noise)."""
@@ -61,6 +63,9 @@ class EditContext:
     start_level: int
     """The level the records' sampling starts from (N, or lower: DDPM inversion's skip, a strength): a run from
     it samples that many steps."""
+    annotations: list[dict] | None = None
+    """Each item's dataset annotations (:attr:`diffinv.data.Item.meta`: PIE-Bench's blended_word, ...), where the
+    pipeline has them (None: an edit of records alone)."""
 
     def first_row(self, rows: list[Row]) -> dict[int, int]:
         """Each item's first row (its reconstruction: the source of its edits' attention)."""
@@ -77,7 +82,7 @@ class Editor:
     edit_name: ClassVar[str] = "prompt"
     """What metrics.jsonl's ``edit_with`` field says of an edit made by this editor."""
 
-    def check(self, tokenizer, source: str, targets: list[str]) -> None:
+    def check(self, layout: TextLayout, source: str, targets: list[str]) -> None:
         """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""
 
     def check_model(self, denoiser) -> None:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DiffinvError, check_at_least, check_finite, check_fraction
-from .alignment import equalizer, refine_mapping, replace_mapping, token_positions, word_token_spans
+from ..models import TextLayout
+from .alignment import refine_mapping, replace_mapping
 from .editor import EditContext, Editor, Row, SampleRows
 
 
@@ -118,26 +119,28 @@ class PromptToPrompt(Editor):
         self.replace_tail = replace_tail
         self.control_unconditional = control_unconditional
 
-    def _cross_alpha(self, tokenizer, target: str, num_steps: int) -> Tensor:
+    def _cross_alpha(self, layout: TextLayout, target: str, num_steps: int) -> Tensor:
         """(N, L) 1 while the target token's cross-attention is replaced at step index s (0 = first step): the
         reference's ``get_time_words_attention_alpha``, bounds int(f (N + 1))."""
-        L = tokenizer.model_max_length
+        L = layout.tokens
         spec = self.cross_replace_steps
         words = dict(spec) if isinstance(spec, dict) else {"default": spec}
         default = words.pop("default", words.pop("default_", (0.0, 1.0)))
         alpha = cross_steps_on(default, num_steps)[:, None].repeat(1, L)
         for word, bounds in words.items():
-            positions = token_positions(tokenizer, target, [word])
+            positions = layout.word_positions(target, [word])
             if positions:
                 alpha[:, positions] = cross_steps_on(bounds, num_steps)[:, None]
         return alpha
 
-    def controller(self, tokenizer, sources: list[str], targets: list[str | None], source_index: list[int],
+    def controller(self, layout: TextLayout, sources: list[str], targets: list[str | None], source_index: list[int],
                    num_steps: int, latent_hw: tuple[int, int], negative_is_source: bool = False) -> "AttentionController":
-        """The controller of one sampling run. Row r of the conditional branch has prompt ``targets[r]`` (None
+        """The controller of one sampling run over the token rows of ``layout`` (the model's
+        :class:`~diffinv.models.TextLayout`). Row r of the conditional branch has prompt ``targets[r]`` (None
         for a source row) and source row ``source_index[r]`` with prompt ``sources[r]``; ``negative_is_source``:
         the unconditional branch is the source prompt (decides ``control_unconditional`` when it is none)."""
-        B, L = len(targets), tokenizer.model_max_length
+        tokenizer = _cross_attention_tokenizer(layout)
+        B, L = len(targets), layout.tokens
         M = torch.eye(L).repeat(B, 1, 1)
         a = torch.ones(B, L)
         eq = torch.ones(B, L)
@@ -146,9 +149,9 @@ class PromptToPrompt(Editor):
         for r, (src, tgt) in enumerate(zip(sources, targets)):
             prompt = src if tgt is None else tgt
             if self.local_blend_words:
-                blend[r, token_positions(tokenizer, prompt, self.local_blend_words)] = 1.0
+                blend[r, layout.word_positions(prompt, self.local_blend_words)] = 1.0
             if self.substruct_words:
-                substruct[r, token_positions(tokenizer, prompt, self.substruct_words)] = 1.0
+                substruct[r, layout.word_positions(prompt, self.substruct_words)] = 1.0
             if tgt is None:
                 continue
             if self.mode == "replace":
@@ -156,8 +159,8 @@ class PromptToPrompt(Editor):
             else:
                 M[r], a[r] = refine_mapping(tokenizer, src, tgt)
             if self.reweight_words:
-                eq[r] = equalizer(tokenizer, tgt, self.reweight_words, self.reweight_scale)
-            alpha[:, r] = self._cross_alpha(tokenizer, tgt, num_steps)
+                eq[r, layout.word_positions(tgt, self.reweight_words)] = self.reweight_scale
+            alpha[:, r] = self._cross_alpha(layout, tgt, num_steps)
         s0, s1 = self.self_replace_steps
         idx = torch.arange(num_steps)
         self_on = (idx >= math.floor(s0 * num_steps)) & (idx < math.floor(s1 * num_steps))
@@ -173,16 +176,16 @@ class PromptToPrompt(Editor):
     def check_model(self, denoiser) -> None:
         require_cross_attention(denoiser)
 
-    def check(self, tokenizer, source: str, targets: list[str]) -> None:
+    def check(self, layout: TextLayout, source: str, targets: list[str]) -> None:
         """Word swap needs as many words in each target as in the source (one line naming both counts)."""
         if self.mode == "replace":
-            check_word_counts(tokenizer, source, targets)
+            check_word_counts(source, targets)
 
     def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
         """Every row at once, under attention control: each edit row reads its item's reconstruction row."""
         first = ctx.first_row(rows)
         controller = self.controller(
-            ctx.tokenizer, sources=[ctx.sources[row.item] for row in rows], targets=[row.target for row in rows],
+            ctx.layout, sources=[ctx.sources[row.item] for row in rows], targets=[row.target for row in rows],
             # the windows count the steps sampled, from the first one (the authors' code; a record may start below
             # level N: DDPM inversion's skip, a strength)
             source_index=[first[row.item] for row in rows], num_steps=ctx.start_level,
@@ -374,11 +377,19 @@ def attention_control(unet, controller: AttentionController):
         unet.set_attn_processor(previous)
 
 
-def check_word_counts(tokenizer, source: str, targets: list[str]) -> None:
+def _cross_attention_tokenizer(layout: TextLayout):
+    """The tokenizer of the one token segment a UNet's cross-attention reads (its keys are that segment's rows)."""
+    if len(layout.segments) != 1:
+        raise DiffinvError("Prompt-to-Prompt's word mappings read one text encoder's tokens, and this model's "
+                           f"conditioning has {len(layout.segments)} ({', '.join(s.name for s in layout.segments)})")
+    return layout.segments[0].tokenizer
+
+
+def check_word_counts(source: str, targets: list[str]) -> None:
     """Fail early, naming both counts, when replace mode gets prompts of different word counts."""
-    n = len(word_token_spans(tokenizer, source))
+    n = len(source.split())
     for t in targets:
-        m = len(word_token_spans(tokenizer, t))
+        m = len(t.split())
         if m != n:
             raise DiffinvError(
                 f"prompt-to-prompt replace needs prompts with equal word counts: source {source!r} has {n} words, "

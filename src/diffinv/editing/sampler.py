@@ -68,15 +68,21 @@ def sample(
         u[need_u] = all_rows[B:]
         return u, c
 
-    def guided(z: Tensor, k: int, need_x0: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def guided(z: Tensor, k: int, need_x0: bool = False,
+               at: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One denoiser call (conditional branch of every row, unconditional branch of the rows that need it),
         then the guidance rule (CFG eq. 1, or ProxNPI Alg. 1 lines 6-7). At a level of alpha 0 x0 is not a
         function of eps (eps = z there): the model's own x0 of each branch, combined by the same rule (CFG is
         linear in the model output, so this is the guided x0); also wherever ``need_x0`` asks (a step that moves
-        another latent with this prediction: EDICT)."""
-        t = schedule.timesteps[k - 1]
+        another latent with this prediction: EDICT). ``at``: (timestep, alpha) of a point that is no level (RF-Solver's
+        and FireFlow's midpoint), z sitting there; step k's embeddings and guidance, the model's own x0."""
+        t = schedule.timesteps[k - 1] if at is None else at[0]
         u = uncond[k - 1] if per_step else uncond
         zz, emb = torch.cat([z, z[need_u]]), torch.cat([cond, u[need_u]])
+        if at is not None:
+            eps_all, x0_all = backbone.predict(zz, t, emb, at[1])
+            eps, mask = rule.combine(*branches(eps_all))
+            return eps, mask, rule.combine(*branches(x0_all))[0]
         if k not in pure_noise and not need_x0:
             eps, mask = rule.combine(*branches(backbone.eps(zz, t, emb)))
             return eps, mask, None

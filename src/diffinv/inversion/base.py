@@ -160,11 +160,13 @@ class InversionMethod(L.LightningModule):
         return records
 
     def edit(self, inversions: list[Inversion], target_prompts: list[list[str]],
-             ids: list[str] | None = None, observe: StepObserver | None = None) -> list[tuple[Tensor, list[Tensor]]]:
+             ids: list[str] | None = None, observe: StepObserver | None = None,
+             annotations: list[dict] | None = None) -> list[tuple[Tensor, list[Tensor]]]:
         """Reconstruct each inversion (row 0: its source prompt) and apply its target prompts (rows 1..K), all
         rows of all items batched, with the configured editor. ``ids``: the items' ids (seed SDEdit's noise;
         default: their source prompts). ``observe``: told each sampling step of each run (progress, ProxNPI's
-        masks). Returns (reconstruction latent, [edit latents]) per item."""
+        masks). ``annotations``: each item's dataset annotations, for an editor that reads them (PIE-Bench's
+        protocol). Returns (reconstruction latent, [edit latents]) per item."""
         ids = ids if ids is not None else [inv.source_prompt for inv in inversions]
         n = inversions[0].num_steps
         if any(inv.num_steps != n for inv in inversions):
@@ -244,12 +246,12 @@ class InversionMethod(L.LightningModule):
         start_of = [inv.trajectory[level] if level < n else inv.start_latent for inv in inversions]
         starts = torch.stack([start_of[row.item] for row in rows]).to(dev)
         ctx = EditContext(
-            tokenizer=self.backbone.tokenizer, schedule=schedule, item_ids=ids,
+            layout=self.backbone.layout, schedule=schedule, item_ids=ids,
             sources=[inv.source_prompt for inv in inversions], z0=[inv.z0 for inv in inversions],
             trajectories=[inv.trajectory for inv in inversions],
             negative_is_source=self.unconditional_branch == "source" and all(
                 plan.unconditional == "source" for plan in plans),
-            unet=self.backbone.unet, device=dev, start_level=level)
+            unet=self.backbone.unet, device=dev, start_level=level, annotations=annotations)
         latents = (self.editor or Editor()).sample(run, rows, starts, ctx)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
@@ -310,7 +312,7 @@ class InversionMethod(L.LightningModule):
         if self.editor is not None:
             self.editor.check_model(bb.unet)
             for item in items:
-                self.editor.check(bb.tokenizer, item.source_prompt, item.target_prompts)
+                self.editor.check(bb.layout, item.source_prompt, item.target_prompts)
         for item in items:
             if item.inversion is not None:
                 self.check_saved(Inversion.load(item.inversion))
@@ -355,7 +357,8 @@ class InversionMethod(L.LightningModule):
         _sync(self.device)
         t1 = time.perf_counter()
         with torch.no_grad():
-            edited = self.edit(inversions, [i.target_prompts for i in items], [i.id for i in items])
+            edited = self.edit(inversions, [i.target_prompts for i in items], [i.id for i in items],
+                               annotations=[i.meta for i in items])
             flat = [z for rec, edits in edited for z in (rec, *edits)]
             decoded = self.backbone.decode(torch.stack(flat)).cpu()
         _sync(self.device)

@@ -3,6 +3,7 @@
 rectified-flow bases; detect.py tells a model's family from the registry :data:`FAMILIES`. Adding a family: its
 module and its line in ``FAMILIES``."""
 
+from .conditioning import Conditioning, Segment, TextLayout
 from .detect import FAMILIES, family_of
 from .diffusion import Diffusion
 from .family import Family, first_line, model_index
@@ -12,5 +13,5 @@ from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-__all__ = ["FAMILIES", "Diffusion", "Family", "Flow", "Flux", "StableDiffusion", "StableDiffusion3",
-           "StableDiffusionXL", "calculate_shift", "family_of", "first_line", "model_index"]
+__all__ = ["FAMILIES", "Conditioning", "Diffusion", "Family", "Flow", "Flux", "Segment", "StableDiffusion",
+           "StableDiffusion3", "StableDiffusionXL", "TextLayout", "calculate_shift", "family_of", "first_line", "model_index"]

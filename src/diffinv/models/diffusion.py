@@ -7,12 +7,13 @@ from torch import Tensor
 
 from ..ddim import Schedule, make_schedule, predict_x0
 from ..errors import DiffinvError
+from .conditioning import Conditioning
 
 
 class Diffusion:
     """The ε/v-prediction families (SD 1.x/2.x, SDXL): the training schedule's alphas, DDIM on them."""
 
-    def predict(self, backbone, z: Tensor, t: Tensor, cond: Tensor,
+    def predict(self, backbone, z: Tensor, t: Tensor, cond: Conditioning,
                 alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(eps, x0) from the denoiser's output per the scheduler config's prediction_type, a_t = alphas_cumprod[t]:
 
@@ -31,10 +32,6 @@ class Diffusion:
         if kind == "sample":
             return (z - a.sqrt() * out) / (1 - a).sqrt(), out
         raise DiffinvError(f"unsupported prediction_type {kind!r} in the model's scheduler config")
-
-    def eps(self, backbone, z: Tensor, t: Tensor, cond: Tensor, alpha: Tensor | None = None) -> Tensor:
-        """eps_theta: ``predict(...)[0]`` (at the timestep's alphas_cumprod whatever ``alpha`` is)."""
-        return self.predict(backbone, z, t, cond, alpha)[0]
 
     def schedule(self, backbone, num_steps: int, latent_size: tuple[int, int] | None = None) -> Schedule:
         """The scheduler's own N timesteps (spacing, offset), levels at its alphas_cumprod; level 0 at its final
@@ -59,9 +56,6 @@ class Diffusion:
 
     def patch_size(self, backbone) -> int:
         return 1
-
-    def prompt_reader(self, backbone) -> tuple:
-        return backbone.tokenizer, backbone.tokenizer.model_max_length
 
     def sample_size(self, backbone) -> int:
         sample = backbone.unet.config.sample_size

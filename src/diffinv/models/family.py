@@ -1,13 +1,13 @@
 """Model families: what differs between SD 1.x/2.x, SDXL, SD 3 / 3.5 and FLUX.1, behind one small interface.
 
-A family says which components a diffusers folder holds, loads them, turns prompts into one *conditioning
-tensor* per prompt, calls the denoiser with it, gives the noise and clean-latent predictions (eps, x0) that the
-DDIM solver needs (from ε-, v-, sample or flow-velocity prediction) and the schedule of an N-step run. The
-methods, editors and the sampler only ever see that tensor (B, L, D): its first rows are the text tokens the
-cross-attention (SD 3, FLUX: joint attention) reads, and a family may append a row of its own (SDXL, SD 3,
-FLUX: the pooled text embedding). So null-text inversion optimises the whole of it (the pooled embedding too),
-negative-prompt inversion swaps it whole, and Prompt-to-Prompt sees the token rows only, through
-``unet.set_attn_processor``.
+A family says which components a diffusers folder holds, loads them, turns prompts into a typed
+:class:`~diffinv.models.conditioning.Conditioning` (token states, pooled embedding), calls the denoiser with it,
+gives the noise and clean-latent predictions (eps, x0) that the DDIM solver needs (from ε-, v-, sample or
+flow-velocity prediction) and the schedule of an N-step run for an image size. Its
+:class:`~diffinv.models.conditioning.TextLayout` says how a conditioning is laid out as the one tensor (B, R, D)
+per prompt that the methods, editors and the sampler carry: the token rows of each text encoder in order, then
+the pooled embedding's rows. So null-text inversion optimises the whole of it (the pooled embedding too),
+negative-prompt inversion swaps it whole, and Prompt-to-Prompt finds a word's token rows through the layout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ddim import Schedule
-from ..errors import DiffinvError
+from .conditioning import Conditioning, Segment, TextLayout
 
 
 class Family(Protocol):
@@ -40,20 +40,21 @@ class Family(Protocol):
     def load(self, source: str, kw: dict, wkw: dict) -> dict:
         """The components by name (``from_pretrained`` with ``kw``; weights with ``wkw``, which adds the variant)."""
 
-    def encode(self, backbone, prompts: list[str]) -> Tensor:
-        """(B, L, D) float32 conditioning of the prompts (already checked against the tokenizer's limit)."""
+    def layout(self, backbone) -> TextLayout:
+        """How the family's conditioning is laid out as one tensor: its text encoders' token segments in order,
+        the token width, the pooled embedding's width and the segment that reads the prompt."""
 
-    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def encode(self, backbone, prompts: list[str]) -> Conditioning:
+        """The prompts' float32 conditioning, as the family's pipeline builds it."""
+
+    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The denoiser's raw output for latents z (B, C, h, w) at timestep t under conditioning ``cond``."""
 
-    def predict(self, backbone, z: Tensor, t: Tensor, cond: Tensor,
+    def predict(self, backbone, z: Tensor, t: Tensor, cond: Conditioning,
                 alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(eps, x0): the DDIM-coordinate noise and clean-latent predictions for latents z that sit at the level
         whose alpha is ``alpha`` (a 0-d float64 tensor; None: the timestep t's own level, the sampling case),
         under timestep t; z = sqrt(alpha) x0 + sqrt(1 - alpha) eps."""
-
-    def eps(self, backbone, z: Tensor, t: Tensor, cond: Tensor, alpha: Tensor | None = None) -> Tensor:
-        """The noise prediction the DDIM solver needs: ``predict(...)[0]``."""
 
     def schedule(self, backbone, num_steps: int, latent_size: tuple[int, int] | None = None) -> Schedule:
         """Timesteps and DDIM levels of an N-step run on latents of ``latent_size`` (h, w) (None: the model's
@@ -68,14 +69,15 @@ class Family(Protocol):
     def sample_size(self, backbone) -> int:
         """The model's native latent side."""
 
-    def prompt_reader(self, backbone) -> tuple:
-        """(tokenizer, token limit) of the text encoder whose truncation decides what the denoiser reads of a
-        prompt (CLIP's 77; FLUX's T5 at ``max_sequence_length``): what the long-prompt warning counts."""
-
 
 def _tokens(tokenizer, prompts: list[str], device) -> Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
+
+
+def _clip_segment(backbone, start: int = 0) -> Segment:
+    """The CLIP tokens' segment (``backbone.tokenizer``'s padded length)."""
+    return Segment("clip", start, backbone.tokenizer.model_max_length, backbone.tokenizer)
 
 
 def _clip_states(backbone, prompts: list[str]) -> tuple[list[Tensor], list[Tensor]]:
@@ -89,15 +91,6 @@ def _clip_states(backbone, prompts: list[str]) -> tuple[list[Tensor], list[Tenso
         states.append(out.hidden_states[-2].float())
         pooled.append(out[0].float())
     return states, pooled
-
-
-def _with_pooled_row(tokens: Tensor, pooled: Tensor, family: str) -> Tensor:
-    """(B, L, D) token states and (B, P) pooled embedding as one (B, L + 1, D) conditioning, the pooled embedding
-    in the first P entries of the last row (the rest zero)."""
-    width = tokens.shape[-1]
-    if pooled.shape[-1] > width:
-        raise DiffinvError(f"{family}'s pooled embedding ({pooled.shape[-1]}) is wider than its token states ({width})")
-    return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))[:, None]], dim=1)
 
 
 def _load_t5(source: str, encoder: str, tokenizer: str, kw: dict, wkw: dict) -> tuple:

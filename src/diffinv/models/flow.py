@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..ddim import FlowSchedule, Schedule, flow_norm
 from ..errors import DiffinvError
+from .conditioning import Conditioning
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
@@ -59,7 +60,7 @@ class Flow:
             return _flow_sigma(torch.as_tensor(alpha, dtype=torch.float64, device=backbone.device))
         return torch.as_tensor(t, device=backbone.device).double() / backbone.scheduler.config.num_train_timesteps
 
-    def predict(self, backbone, z: Tensor, t: Tensor, cond: Tensor,
+    def predict(self, backbone, z: Tensor, t: Tensor, cond: Conditioning,
                 alpha: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(eps, x0) at the latent's own level s: x = z sqrt((1 - s)^2 + s^2), v = transformer(x, t),
         eps = x + (1 - s) v, x0 = x - s v (the class docstring)."""
@@ -67,10 +68,6 @@ class Flow:
         x = z * flow_norm(s).to(z.dtype)
         v = self.denoise(backbone, x, t, cond).to(z.dtype)
         return x + (1 - s).to(z.dtype) * v, x - s.to(z.dtype) * v
-
-    def eps(self, backbone, z: Tensor, t: Tensor, cond: Tensor, alpha: Tensor | None = None) -> Tensor:
-        """eps = x + (1 - s) v: ``predict(...)[0]``."""
-        return self.predict(backbone, z, t, cond, alpha)[0]
 
     def pipeline_sigmas(self, backbone, num_steps: int) -> np.ndarray | None:
         """The sigmas the family's pipeline passes to ``set_timesteps`` (None: the scheduler's own linspace)."""
@@ -113,9 +110,6 @@ class Flow:
 
     def patch_size(self, backbone) -> int:
         return int(backbone.unet.config.patch_size)
-
-    def prompt_reader(self, backbone) -> tuple:
-        return backbone.tokenizer, backbone.tokenizer.model_max_length  # SD 3: CLIP's limit cuts its states too
 
     def sample_size(self, backbone) -> int:
         return int(backbone.unet.config.sample_size)

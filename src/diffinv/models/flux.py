@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .family import _load_t5, _t5_states, _tokens, _with_pooled_row, pipeline_class
+from .conditioning import Conditioning, Segment, TextLayout
+from .family import _load_t5, _t5_states, _tokens, pipeline_class
 from .flow import Flow, _load_flow_core
 
 
@@ -38,8 +39,8 @@ class Flux(Flow):
     """FLUX.1 (dev, schnell): rectified flow (:class:`Flow`), a transformer on 2x2-packed 16-channel latents, as
     diffusers' FluxPipeline.
 
-    Conditioning (B, T + 1, J): T5's T = ``max_sequence_length`` token states (``text_encoder_2``), then a row
-    holding CLIP-L's pooled output (``text_encoder``, CLIPTextModel's pooler_output) in its first entries. The
+    Conditioning: tokens (B, T, J), T5's T = ``max_sequence_length`` token states (``text_encoder_2``); pooled,
+    CLIP-L's pooled output (``text_encoder``, CLIPTextModel's pooler_output). The
     latents stay (B, 16, h, w): ``denoise`` packs them into 2x2 patches with their position ids and unpacks the
     velocity. ``guidance``: FLUX.1-dev's embedded guidance scale, given to the transformer where its config has
     ``guidance_embeds`` (schnell has none). Sampling sigmas as the pipeline's: linspace(1, 1/N, N), shifted by
@@ -71,14 +72,21 @@ class Flux(Flow):
         parts["text_encoder_2"], parts["tokenizer_2"] = _load_t5(source, "text_encoder_2", "tokenizer_2", kw, wkw)
         return parts
 
-    def encode(self, backbone, prompts: list[str]) -> Tensor:
+    def layout(self, backbone) -> TextLayout:
+        """T5's ``max_sequence_length`` rows (CLIP gives only the pooled embedding: T5 reads the prompt), then the
+        pooled embedding the transformer's ``pooled_projection_dim`` reads."""
+        t5 = Segment("t5", 0, self.max_sequence_length, backbone.tokenizer_2, start_token=False)
+        config = backbone.unet.config
+        return TextLayout((t5,), width=config.joint_attention_dim, pooled=config.pooled_projection_dim)
+
+    def encode(self, backbone, prompts: list[str]) -> Conditioning:
         """FluxPipeline.encode_prompt: T5's states (prompt_embeds) and CLIP's pooled output (pooled_prompt_embeds)."""
         clip = backbone.text_encoder(_tokens(backbone.tokenizer, prompts, backbone.device), output_hidden_states=False)
         t5 = _t5_states(backbone.tokenizer_2, backbone.text_encoder_2, prompts, self.max_sequence_length,
                         backbone.device)
-        return _with_pooled_row(t5, clip.pooler_output.float(), self.name)
+        return Conditioning(t5, clip.pooler_output.float())
 
-    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The pipeline's transformer call on the packed latents (timestep t / 1000, text ids zeros, image ids the
         packed grid), unpacked to (B, 16, h, w)."""
         model = backbone.unet
@@ -89,9 +97,9 @@ class Flux(Flow):
         out = model(hidden_states=_pack(z.to(dtype)),
                     timestep=torch.as_tensor(t, device=z.device).expand(b).to(dtype) / 1000,
                     guidance=guidance,
-                    pooled_projections=cond[:, -1, : model.config.pooled_projection_dim].to(dtype),
-                    encoder_hidden_states=cond[:, :-1].to(dtype),
-                    txt_ids=torch.zeros(cond.shape[1] - 1, 3, device=z.device, dtype=dtype),
+                    pooled_projections=cond.pooled.to(dtype),
+                    encoder_hidden_states=cond.tokens.to(dtype),
+                    txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=z.device, dtype=dtype),
                     img_ids=_image_ids(h // 2, w // 2, z.device, dtype)).sample
         return _unpack(out, h, w)
 
@@ -103,9 +111,6 @@ class Flux(Flow):
 
     def patch_size(self, backbone) -> int:
         return 2  # the 2x2 packing (the transformer's own patch_size is 1)
-
-    def prompt_reader(self, backbone) -> tuple:
-        return backbone.tokenizer_2, self.max_sequence_length  # CLIP gives only the pooled embedding: T5 reads it
 
     def sample_size(self, backbone) -> int:
         return 128  # FluxPipeline.default_sample_size: 1024 pixels with the 8x VAE

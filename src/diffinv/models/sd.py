@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .diffusion import Diffusion, _load_vae_unet_scheduler
-from .family import _tokens
+from .conditioning import Conditioning, TextLayout
+from .family import _clip_segment, _tokens
 
 
 @dataclass
@@ -34,9 +35,14 @@ class StableDiffusion(Diffusion):
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
         }
 
-    def encode(self, backbone, prompts: list[str]) -> Tensor:
-        return backbone.text_encoder(_tokens(backbone.tokenizer, prompts, backbone.device))[0].float()
+    def layout(self, backbone) -> TextLayout:
+        """CLIP's token states only (no pooled embedding)."""
+        return TextLayout((_clip_segment(backbone),), width=backbone.text_encoder.config.hidden_size)
 
-    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def encode(self, backbone, prompts: list[str]) -> Conditioning:
+        return Conditioning(backbone.text_encoder(_tokens(backbone.tokenizer, prompts, backbone.device))[0].float(),
+                            None)
+
+    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = next(backbone.unet.parameters()).dtype
-        return backbone.unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
+        return backbone.unet(z.to(dtype), t, encoder_hidden_states=cond.tokens.to(dtype)).sample

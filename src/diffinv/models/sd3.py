@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DiffinvError
-from .family import _clip_states, _has, _load_t5, _t5_states, _with_pooled_row, first_line, pipeline_class
+from .conditioning import Conditioning, Segment, TextLayout
+from .family import _clip_segment, _clip_states, _has, _load_t5, _t5_states, first_line, pipeline_class
 from .flow import Flow, _load_flow_core
 
 
@@ -17,10 +18,10 @@ from .flow import Flow, _load_flow_core
 class StableDiffusion3(Flow):
     """SD 3 / 3.5: rectified flow (:class:`Flow`), a joint-attention transformer in patches, two CLIPs and T5.
 
-    Conditioning (B, 77 + T + 1, J) as diffusers' SD3 pipeline builds it: CLIP-L's and CLIP-G's penultimate
+    Conditioning as diffusers' SD3 pipeline builds it: tokens (B, 77 + T, J), CLIP-L's and CLIP-G's penultimate
     states side by side, zero-padded to T5's width J, then T5's T = ``t5_tokens`` states (zeros where the model
-    has no T5: diffusers' "T5 off"); the last row holds both CLIPs' pooled embeddings. ``t5``: the folder has a
-    T5 (its model_index.json lists a text_encoder_3): it must load, else the load stops.
+    has no T5: diffusers' "T5 off"); pooled, both CLIPs' pooled embeddings side by side (however wider than J).
+    ``t5``: the folder has a T5 (its model_index.json lists a text_encoder_3): it must load, else the load stops.
     """
 
     name: ClassVar[str] = "SD 3/3.5"
@@ -57,7 +58,15 @@ class StableDiffusion3(Flow):
                                    f"load: {type(e).__name__}: {first_line(e)}") from e
         return parts
 
-    def encode(self, backbone, prompts: list[str]) -> Tensor:
+    def layout(self, backbone) -> TextLayout:
+        """CLIP's 77 rows, then T5's ``t5_tokens`` (no tokenizer where the model has no T5); the pooled embedding
+        the transformer's ``pooled_projection_dim`` reads. CLIP's limit reads the prompt (it cuts CLIP's states)."""
+        clip = _clip_segment(backbone)
+        t5 = Segment("t5", clip.length, self.t5_tokens, backbone.tokenizer_3, start_token=False)
+        config = backbone.unet.config
+        return TextLayout((clip, t5), width=config.joint_attention_dim, pooled=config.pooled_projection_dim)
+
+    def encode(self, backbone, prompts: list[str]) -> Conditioning:
         states, pooled = _clip_states(backbone, prompts)
         width = backbone.unet.config.joint_attention_dim
         if backbone.text_encoder_3 is None:
@@ -66,12 +75,11 @@ class StableDiffusion3(Flow):
             t5 = _t5_states(backbone.tokenizer_3, backbone.text_encoder_3, prompts, self.t5_tokens, backbone.device)
         clip = torch.cat(states, dim=-1)
         tokens = torch.cat([torch.nn.functional.pad(clip, (0, width - clip.shape[-1])), t5], dim=1)
-        return _with_pooled_row(tokens, torch.cat(pooled, dim=-1), self.name)
+        return Conditioning(tokens, torch.cat(pooled, dim=-1))
 
-    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         model = backbone.unet
         dtype = next(model.parameters()).dtype
-        pooled = cond[:, -1, : model.config.pooled_projection_dim]
         timestep = torch.as_tensor(t, device=z.device).float().expand(z.shape[0])
-        return model(hidden_states=z.to(dtype), encoder_hidden_states=cond[:, :-1].to(dtype),
-                     pooled_projections=pooled.to(dtype), timestep=timestep).sample
+        return model(hidden_states=z.to(dtype), encoder_hidden_states=cond.tokens.to(dtype),
+                     pooled_projections=cond.pooled.to(dtype), timestep=timestep).sample

@@ -9,16 +9,16 @@ import torch
 from torch import Tensor
 
 from .diffusion import Diffusion, _load_vae_unet_scheduler
-from .family import _clip_states, _with_pooled_row, pipeline_class
+from .conditioning import Conditioning, TextLayout
+from .family import _clip_segment, _clip_states, pipeline_class
 
 
 @dataclass
 class StableDiffusionXL(Diffusion):
     """SDXL: two CLIP text encoders, the pooled embedding and the added time ids (as diffusers' SDXL pipeline).
 
-    Conditioning (B, 77 + 1, D1 + D2): rows 0..76 are both encoders' penultimate hidden states side by side (what
-    the cross-attention reads); row 77 holds the second encoder's pooled, projected embedding in its first P
-    entries (the rest zero). The time ids (original size, crop top-left, target size) are the latents' own size
+    Conditioning: tokens (B, 77, D1 + D2), both encoders' penultimate hidden states side by side (what the
+    cross-attention reads); pooled (B, P), the second encoder's pooled, projected embedding. The time ids (original size, crop top-left, target size) are the latents' own size
     in pixels with no crop: the image as diffinv fitted it. The empty prompt is all zeros where the model says
     so (``force_zeros_for_empty_prompt``, SDXL base: true), as the pipeline's negative prompt.
     """
@@ -48,19 +48,28 @@ class StableDiffusionXL(Diffusion):
             "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
         }
 
-    def encode(self, backbone, prompts: list[str]) -> Tensor:
-        states, pooled = _clip_states(backbone, prompts)
-        cond = _with_pooled_row(torch.cat(states, dim=-1), pooled[-1], self.name)  # the second encoder's pooled
-        if self.force_zeros_for_empty_prompt:
-            empty = torch.tensor([not p for p in prompts], device=cond.device).view(-1, 1, 1)
-            cond = torch.where(empty, torch.zeros_like(cond), cond)
-        return cond
+    def layout(self, backbone) -> TextLayout:
+        """CLIP's token rows (both encoders side by side), then the pooled embedding the UNet's added embedding
+        reads (its input width less the six time ids' embeddings)."""
+        unet = backbone.unet
+        return TextLayout((_clip_segment(backbone),),
+                          width=backbone.text_encoder.config.hidden_size + backbone.text_encoder_2.config.hidden_size,
+                          pooled=unet.config.projection_class_embeddings_input_dim
+                          - 6 * unet.config.addition_time_embed_dim)
 
-    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def encode(self, backbone, prompts: list[str]) -> Conditioning:
+        states, pooled = _clip_states(backbone, prompts)
+        tokens, pooled = torch.cat(states, dim=-1), pooled[-1]  # the second encoder's pooled
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([not p for p in prompts], device=tokens.device)
+            tokens = torch.where(empty.view(-1, 1, 1), torch.zeros_like(tokens), tokens)
+            pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
+        return Conditioning(tokens, pooled)
+
+    def denoise(self, backbone, z: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         unet = backbone.unet
         dtype = next(unet.parameters()).dtype
-        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         h, w = z.shape[-2] * backbone.vae_scale_factor, z.shape[-1] * backbone.vae_scale_factor
         time_ids = torch.tensor([h, w, 0, 0, h, w], device=z.device, dtype=dtype).expand(z.shape[0], 6)
-        added = {"text_embeds": cond[:, -1, :pooled_dim].to(dtype), "time_ids": time_ids}
-        return unet(z.to(dtype), t, encoder_hidden_states=cond[:, :-1].to(dtype), added_cond_kwargs=added).sample
+        added = {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids}
+        return unet(z.to(dtype), t, encoder_hidden_states=cond.tokens.to(dtype), added_cond_kwargs=added).sample

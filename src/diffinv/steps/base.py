@@ -18,10 +18,12 @@ from ..ddim import Schedule
 from ..guidance import GuidanceRule
 
 Guided = Callable[..., tuple[Tensor, "Tensor | None", "Tensor | None"]]
-"""guided(z, k, need_x0=False) -> (eps, mask, x0): the guided noise prediction of latents z at level k's timestep,
-the guidance rule's mask (ProxNPI's unedited region; None under classifier-free guidance) and the model's own
-guided x0 where level k's alpha is 0 (a zero-terminal-SNR model's or a flow's top level: x0 cannot be read from eps
-there) or where ``need_x0`` asks (None elsewhere)."""
+"""guided(z, k, need_x0=False, at=None) -> (eps, mask, x0): the guided noise prediction of latents z at level k's
+timestep, the guidance rule's mask (ProxNPI's unedited region; None under classifier-free guidance) and the model's
+own guided x0 where level k's alpha is 0 (a zero-terminal-SNR model's or a flow's top level: x0 cannot be read from
+eps there) or where ``need_x0`` asks (None elsewhere). ``at`` = (timestep, alpha): evaluate z at that point instead
+of level k's (a flow solver's midpoint between levels k - 1 and k), with step k's embeddings and guidance; x0 is then
+always the model's own."""
 
 
 class Step(Protocol):
