@@ -2,6 +2,8 @@
 
     python scripts/benchmark_editing.py                         # 24 scenes x 3 edit kinds, 20 steps
     python scripts/benchmark_editing.py --scenes 6 --inversions NPI ProxNPI --editors none p2p
+    python scripts/benchmark_editing.py --world flow --model shapes-flow --steps 28 \
+        --inversions DDIM NPI RF-Solver FireFlow RF-Inversion --editors none p2p "p2p (qk_swap)" flowedit
 
 For each scene three edits are made: colour -> another colour, shape -> another shape, background -> another
 colour. For every inversion x editor it reports, per edit kind and overall:
@@ -10,7 +12,9 @@ colour. For every inversion x editor it reports, per edit kind and overall:
   PSNR kept region  PSNR against the source on the pixels that must not change (outside both the source's and
                     the target's shape for colour/shape edits, inside both for background edits);
   PSNR vs truth     PSNR against the ground-truth edited scene (same geometry, edited attribute);
-  seconds           per edited image (inversion + sampling, batched as diffinv runs them).
+  seconds           per edited image (inversion + sampling, batched as diffinv runs them);
+  evaluations       the denoiser's calls per edit batch (inversion + sampling: metrics.jsonl's evaluations_*).
+``--world flow``: the flow model's world (48-pixel scenes on striped backgrounds, ``shapes-flow``).
 Prints a Markdown table and writes it with a CSV to --out.
 """
 
@@ -31,10 +35,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from diffinv import BackboneConfig, ProximalGuidance  # noqa: E402
 from diffinv.data import Item  # noqa: E402
-from diffinv.editing import PromptToPrompt, SDEdit  # noqa: E402
+from diffinv.editing import FlowEdit, PromptToPrompt, SDEdit  # noqa: E402
 from diffinv.inversion import registry  # noqa: E402
 from diffinv.shapes.classifier import classify  # noqa: E402
-from diffinv.shapes.world import COLOURS, SHAPES, coverage, render, sample_scenes  # noqa: E402
+from diffinv.shapes import world  # noqa: E402
+from diffinv.shapes.world import COLOURS, SHAPES, coverage  # noqa: E402
 
 VARIANTS = {  # label -> (registered method, settings) beside every registered method with its own defaults
     "ProxNPI (authors' code)": ("proxnpi",  # configs/reference/proxnpi.yaml
@@ -59,6 +64,15 @@ EDITORS = {
     "p2p+blend": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
                                         local_blend_words=list(SHAPES)),  # the object's region
     "sdedit": lambda: SDEdit(strength=0.6, start_from="inversion"),  # NPI paper App. C.3: from the inverted latent
+    # joint-attention models (SD 3, FLUX): Shin et al.'s query/key swap instead of the edited maps
+    "p2p (qk_swap)": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
+                                            joint_attention="qk_swap"),
+    "flowedit": lambda: FlowEdit(),  # flow models: the paper's SD 3 settings (n_max 0.66, CFG 3.5 / 13.5)
+}
+WORLDS = {  # name -> (scenes, render, side in pixels)
+    "unet": (world.sample_scenes, world.render, world.SIZE),
+    "flow": (lambda n, seed, split: world.sample_striped_scenes(n, seed, split),
+             lambda s: world.render_striped(s), world.FLOW_SIZE),
 }
 
 
@@ -71,9 +85,10 @@ def edits_for(scene, rng: np.random.Generator) -> dict[str, object]:
     }
 
 
-def kept_region(scene, target, kind: str) -> np.ndarray:
-    a = coverage(scene.shape, scene.cx, scene.cy, scene.r)
-    b = coverage(target.shape, target.cx, target.cy, target.r)
+def kept_region(scene, target, kind: str, size: int = world.SIZE) -> np.ndarray:
+    k = size / world.SIZE
+    a = coverage(scene.shape, scene.cx * k, scene.cy * k, scene.r * k, size=size)
+    b = coverage(target.shape, target.cx * k, target.cy * k, target.r * k, size=size)
     if kind == "background":
         return (a > 0.99) & (b > 0.99)
     return (a == 0) & (b == 0)
@@ -108,13 +123,16 @@ def main(argv=None) -> list[dict]:
                    default=["DDIM", "NPI", "ProxNPI", "ProxNPI (authors' code)", "NTI", "CycleDiffusion"])
     p.add_argument("--editors", nargs="+", default=list(EDITORS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--world", choices=list(WORLDS), default="unet",
+                   help="the scenes: the U-Net model's 32-pixel world, or the flow model's striped 48-pixel one")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_editing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
+    sample_scenes, render, side = WORLDS[args.world]
     scenes = sample_scenes(args.scenes, args.seed, "held_out")
     cases = [(s, kind, t) for s in scenes for kind, t in edits_for(s, rng).items()]
-    items = [Item(f"{i}", render(s), s.caption, [t.caption], resolution=32) for i, (s, _, t) in enumerate(cases)]
+    items = [Item(f"{i}", render(s), s.caption, [t.caption], resolution=side) for i, (s, _, t) in enumerate(cases)]
     bb = BackboneConfig(pretrained=args.model)
     rows = []
     for inv_name in args.inversions:
@@ -135,24 +153,28 @@ def main(argv=None) -> list[dict]:
                 per_kind.setdefault(kind, []).append({
                     "accuracy": float(read[kind] == target.attributes[kind]),
                     "kept": float(all(read[k] == target.attributes[k] for k in others)),
-                    "psnr_kept": psnr_np(edited, render(scene), kept_region(scene, target, kind)),
+                    "psnr_kept": psnr_np(edited, render(scene), kept_region(scene, target, kind, side)),
                     "psnr_truth": psnr_np(edited, render(target)),
                 })
             for kind, vals in [*per_kind.items(), ("all", [v for vs in per_kind.values() for v in vs])]:
                 rows.append({"inversion": inv_name, "editor": ed_name, "edit": kind, "n": len(vals),
-                             **{k: mean([v[k] for v in vals]) for k in vals[0]}, "seconds_per_edit": seconds})
+                             **{k: mean([v[k] for v in vals]) for k in vals[0]}, "seconds_per_edit": seconds,
+                             "evaluations": results[0].extra["evaluations_inversion"]
+                             + results[0].extra["evaluations_sampling"]})
                 r = rows[-1]
                 print(f"{inv_name:<10} {ed_name:<10} {kind:<10} acc {r['accuracy']:.2f}  kept {r['kept']:.2f}  "
-                      f"PSNR kept {r['psnr_kept']:5.2f}  vs truth {r['psnr_truth']:5.2f}  {seconds:.3f} s", flush=True)
+                      f"PSNR kept {r['psnr_kept']:5.2f}  vs truth {r['psnr_truth']:5.2f}  {seconds:.3f} s  "
+                      f"{r['evaluations']} evaluations", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "editing.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = ["| inversion | editor | edit | accuracy | others kept | PSNR kept region | PSNR vs truth | s / edit |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| inversion | editor | edit | accuracy | others kept | PSNR kept region | PSNR vs truth | s / edit | "
+             "evaluations |", "|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['inversion']} | {r['editor']} | {r['edit']} | {r['accuracy']:.2f} | {r['kept']:.2f} | "
-              f"{r['psnr_kept']:.2f} | {r['psnr_truth']:.2f} | {r['seconds_per_edit']:.3f} |" for r in rows]
+              f"{r['psnr_kept']:.2f} | {r['psnr_truth']:.2f} | {r['seconds_per_edit']:.3f} | {r['evaluations']} |"
+              for r in rows]
     (args.out / "editing.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return rows

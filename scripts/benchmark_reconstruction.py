@@ -3,6 +3,8 @@ several step counts, and our null-text inversion against a straightforward refer
 
     python scripts/benchmark_reconstruction.py                      # 10 held-out scenes, 10/20/50 steps
     python scripts/benchmark_reconstruction.py --scenes 4 --steps 10 --model /path/to/sd   # any model
+    python scripts/benchmark_reconstruction.py --world flow --model shapes-flow --steps 10 28 \
+        --methods "DDIM (w = 1)" NPI RF-Solver FireFlow RF-Inversion      # the flow model: PSNR against evaluations
 
 Prints a Markdown table and writes it with a CSV to --out. Timings use one torch thread (the machine is shared);
 each method runs all scenes as one batch, as `diffinv` does, except the reference-style loop (batch 1, as the
@@ -25,10 +27,13 @@ sys.path.insert(0, str(REPO / "src"))
 from diffinv import (  # noqa: E402
     BackboneConfig,
     DDIMInversion,
+    FireFlowInversion,
     LatentTrajectoryOptimization,
     NegativePromptInversion,
     NullTextInversion,
     ProximalNegativePromptInversion,
+    RFInversion,
+    RFSolverInversion,
 )
 from diffinv.bench import mean_ci  # noqa: E402
 from diffinv.data import Item, image_tensor  # noqa: E402
@@ -36,7 +41,7 @@ from diffinv.ddim import ddim_step, invert  # noqa: E402
 from diffinv.guidance import cfg  # noqa: E402
 from diffinv.inversion import registry  # noqa: E402
 from diffinv.metrics import psnr  # noqa: E402
-from diffinv.shapes.world import render, sample_scenes  # noqa: E402
+from diffinv.shapes import world  # noqa: E402
 
 METHODS = {
     "DDIM+CFG": lambda bb, n: DDIMInversion(bb, n),
@@ -46,15 +51,27 @@ METHODS = {
     "NTI (source init)": lambda bb, n: NullTextInversion(bb, n, init="source"),
     "NTI (reference formulas)": lambda bb, n: NullTextInversion(bb, n, schedule_steps=None),
     "latent-TOP": lambda bb, n: LatentTrajectoryOptimization(bb, n),
+    # flow models (--world flow): Euler-style inversion at w = 1, and the flow solvers (their papers' w = 1)
+    "DDIM (w = 1)": lambda bb, n: DDIMInversion(bb, n, guidance_scale=1.0),
+    "RF-Solver": lambda bb, n: RFSolverInversion(bb, n),
+    "FireFlow": lambda bb, n: FireFlowInversion(bb, n),
+    "RF-Inversion": lambda bb, n: RFInversion(bb, n),
+    "RF-Inversion (eta 0)": lambda bb, n: RFInversion(bb, n, eta=0.0),
 }
 
 
-def held_out_items(n: int, seed: int) -> list[Item]:
-    return [Item(f"scene-{i}", render(s), s.caption, [], resolution=32) for i, s in enumerate(sample_scenes(n, seed, "held_out"))]
+def held_out_items(n: int, seed: int, flow: bool = False) -> list[Item]:
+    if flow:  # the flow model's world: 48-pixel scenes on striped backgrounds
+        scenes, draw, side = world.sample_striped_scenes(n, seed, "held_out"), world.render_striped, world.FLOW_SIZE
+    else:
+        scenes, draw, side = world.sample_scenes(n, seed, "held_out"), world.render, world.SIZE
+    return [Item(f"scene-{i}", draw(s), s.caption, [], resolution=side) for i, s in enumerate(scenes)]
 
 
-def run_method(method, items: list[Item]) -> tuple[list[float], float, float]:
-    """PSNRs, seconds per image, inner iterations per image (optimizing methods)."""
+def run_method(method, items: list[Item]) -> tuple[list[float], float, float, int, list[float]]:
+    """PSNRs, seconds per image, inner iterations per image (optimizing methods), the denoiser's calls (inversion +
+    sampling, each on the whole batch), and PSNRs against the VAE's own reconstruction (the inversion's own error,
+    without the VAE's)."""
     optimizing = registry.by_class(type(method)).optimizes
     method.backbone.encode_prompts([i.source_prompt for i in items] + [""])  # text encoding outside the timing
     start = time.perf_counter()
@@ -62,10 +79,14 @@ def run_method(method, items: list[Item]) -> tuple[list[float], float, float]:
         results = method.run_batch(items)
     seconds = (time.perf_counter() - start) / len(items)
     iters = sum(r.extra.get("inner_iterations", 0) for r in results) / len(items)
-    return [psnr(r.reconstruction, r.source) for r in results], seconds, iters
+    calls = results[0].extra["evaluations_inversion"] + results[0].extra["evaluations_sampling"]
+    with torch.no_grad():
+        vae = method.backbone.decode(torch.stack([r.inversion.z0 for r in results])).cpu()
+    return ([psnr(r.reconstruction, r.source) for r in results], seconds, iters, calls,
+            [psnr(r.reconstruction, v) for r, v in zip(results, vae)])
 
 
-def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[list[float], float, float]:
+def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[list[float], float, float, int]:
     """The NTI reference notebook's loop on the same model: one image at a time, a fresh torch Adam per step,
     the conditional branch once per step, `.item()` on the loss every iteration, break after the update once the
     loss is below epsilon + i * delta, then one more forward to advance."""
@@ -108,7 +129,7 @@ def reference_style_nti(method: NullTextInversion, items: list[Item]) -> tuple[l
             rec = bb.decode(rec_latent)[0]
         scores.append(psnr(rec, image[0]))
     seconds = (time.perf_counter() - start) / len(items)
-    return scores, seconds, total_iters / len(items)
+    return scores, seconds, total_iters / len(items), 0, []
 
 
 def main(argv=None) -> list[dict]:
@@ -119,31 +140,38 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     p.add_argument("--methods", nargs="+", default=list(METHODS) + ["NTI reference-style loop"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--world", choices=["unet", "flow"], default="unet",
+                   help="the scenes: the U-Net model's 32-pixel world, or the flow model's striped 48-pixel one")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_reconstruction")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bb = BackboneConfig(pretrained=args.model)
-    items = held_out_items(args.scenes, args.seed)
+    items = held_out_items(args.scenes, args.seed, flow=args.world == "flow")
     rows = []
     for n in args.steps:
         for name in args.methods:
             if name == "NTI reference-style loop":
-                scores, seconds, iters = reference_style_nti(NullTextInversion(bb, n, schedule_steps=None), items)
+                scores, seconds, iters, calls, own = reference_style_nti(
+                    NullTextInversion(bb, n, schedule_steps=None), items)
             else:
-                scores, seconds, iters = run_method(METHODS[name](bb, n), items)
+                scores, seconds, iters, calls, own = run_method(METHODS[name](bb, n), items)
             m, ci, _, _ = mean_ci(scores)
-            rows.append({"steps": n, "method": name, "psnr": m, "psnr_ci95": ci, "seconds_per_image": seconds,
-                         "inner_iterations_per_image": iters, "images": len(items)})
-            print(f"{n:>3} steps  {name:<26} PSNR {m:6.2f} ± {ci:4.2f} dB   {seconds:7.3f} s/image"
-                  + (f"   {iters:6.1f} inner iterations/image" if iters else ""), flush=True)
+            vae_m = mean_ci(own)[0] if own else float("nan")
+            rows.append({"steps": n, "method": name, "psnr": m, "psnr_ci95": ci, "psnr_vs_vae": vae_m,
+                         "seconds_per_image": seconds, "inner_iterations_per_image": iters, "evaluations": calls,
+                         "images": len(items)})
+            print(f"{n:>3} steps  {name:<26} PSNR {m:6.2f} ± {ci:4.2f} dB   {seconds:7.3f} s/image   {calls} "
+                  "evaluations" + (f"   {iters:6.1f} inner iterations/image" if iters else ""), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "reconstruction.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| steps | method | PSNR (dB, mean ± 95% CI) | s / image | inner iterations / image |", "|---|---|---|---|---|"]
-    table += [f"| {r['steps']} | {r['method']} | {r['psnr']:.2f} ± {r['psnr_ci95']:.2f} | {r['seconds_per_image']:.3f} | "
-              f"{r['inner_iterations_per_image']:.0f} |" for r in rows]
+    table = ["| steps | method | PSNR (dB, mean ± 95% CI) | PSNR vs the VAE's reconstruction | evaluations | s / image | "
+             "inner iterations / image |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['steps']} | {r['method']} | {r['psnr']:.2f} ± {r['psnr_ci95']:.2f} | {r['psnr_vs_vae']:.2f} | "
+              f"{r['evaluations'] or '-'} | {r['seconds_per_image']:.3f} | {r['inner_iterations_per_image']:.0f} |"
+              for r in rows]
     (args.out / "reconstruction.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return rows

@@ -82,6 +82,10 @@ def test_null_text_inversion_equals_diffinv_fit(model, tiny_model_dir, tmp_path)
 def test_sdedit_noise_is_keyed_by_the_id_as_on_the_cli(model, tiny_model_dir, tmp_path):
     image = picture(tmp_path / "cat.png", seed=2)
     item = cli("predict", "edit_sdedit.yaml", image, tiny_model_dir, tmp_path / "cli")
+    saved = diffinv.load_inversion(item / "inversion.safetensors", model)  # the CLI's record: its id is 'cat'
+    assert saved.id == "cat"
+    assert np.array_equal(pixels(saved.edit(TARGET, editor=diffinv.SDEdit(strength=0.5, seed=0)).image),
+                          pixels(item / "edit-0.png"))
     array = pixels(image)
     sdedit = diffinv.SDEdit(strength=0.5, seed=0)
     same = model.invert(array, SOURCE, steps=STEPS, id="cat", progress=False).edit(TARGET, editor=sdedit)
@@ -113,6 +117,10 @@ def test_a_saved_record_re_edits_exactly(model, tmp_path):
                                   proximal=diffinv.ProximalGuidance(quantile=0.5))
     assert torch.equal(back.reconstruction_tensor, inv.reconstruction_tensor)
     assert torch.equal(back.edit("a photo of a big dog", editor=p2p).tensor, edit.tensor)
+    # seeded noise (SDEdit) is keyed by the id the record was inverted under ('image'), not by its file's name
+    sdedit = diffinv.SDEdit(strength=0.6)
+    assert back.id == inv.id == "image"
+    assert torch.equal(back.edit(TARGET, editor=sdedit).tensor, inv.edit(TARGET, editor=sdedit).tensor)
     with pytest.raises(DiffinvError, match="does not reproduce"):  # other ProxNPI settings: refused, not re-run
         diffinv.load_inversion(tmp_path / "cat.safetensors", model)
 

@@ -84,9 +84,7 @@ def run(method, items):
 
 @pytest.mark.parametrize("editor", list(EDITORS))
 @pytest.mark.parametrize("name", list(METHODS))
-def test_an_edit_does_not_depend_on_its_batch_neighbours(bb, name, editor, request):
-    if editor.startswith("p2p") and request.node.callspec.params["bb"] in ("sd3", "flux"):
-        pytest.skip("Prompt-to-Prompt is refused on joint attention (SD 3, FLUX)")
+def test_an_edit_does_not_depend_on_its_batch_neighbours(bb, name, editor):
     m = METHODS[name](bb, EDITORS[editor]())
     alone = run(m, [item(0, targets=[TARGET])])[0]
     beside = run(m, [item(0, targets=[OTHERS[0], TARGET, OTHERS[1]])])[0]

@@ -16,7 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 METHOD_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")
-                        if "class_path: diffinv.inversion." in p.read_text())
+                        if "class_path: diffinv.inversion." in p.read_text() and p.parent.name != "flow")
+"""Every method config but the flow-only methods' (configs/flow/: tests/test_flow_methods.py runs those on flow
+models)."""
+FLOW_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs" / "flow").glob("*.yaml"))
 
 
 def cli(*args):
@@ -35,13 +38,13 @@ def test_every_config_is_covered():
     from diffinv.inversion import registry
 
     named = {(REPO / "configs" / c).read_text().split("class_path: diffinv.inversion.")[1].split()[0]
-             for c in METHOD_CONFIGS}
+             for c in METHOD_CONFIGS + FLOW_CONFIGS}
     assert {m.cls.__name__ for m in registry.METHODS} <= named
     assert {"edit_p2p_replace.yaml", "edit_sdedit.yaml"} <= set(METHOD_CONFIGS)  # edit_with: their editors
 
 
 EDIT_WITH = {"diffinv.editing.PromptToPrompt": "prompt_to_prompt", "diffinv.editing.SDEdit": "sdedit",
-             "diffinv.editing.pie_bench.PieBenchP2P": "prompt_to_prompt"}
+             "diffinv.editing.pie_bench.PieBenchP2P": "prompt_to_prompt", "diffinv.editing.FlowEdit": "flowedit"}
 """What metrics.jsonl's ``edit_with`` says of each editor a config may name (none: 'prompt')."""
 
 

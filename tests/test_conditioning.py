@@ -37,9 +37,9 @@ def test_a_pooled_embedding_no_wider_than_a_row_is_the_records_last_row():
 
 def test_shapes_that_do_not_fit_the_layout_are_refused():
     lay = layout(9)
-    with pytest.raises(ValueError, match="width 9"):
+    with pytest.raises(DiffinvError, match="width 9"):
         lay.pack(torch.zeros(1, 3, 4), torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(DiffinvError, match="does not fit"):
         lay.unpack(torch.zeros(1, 4, 4))  # 9 pooled entries take 3 rows, not 1
 
 
@@ -107,9 +107,9 @@ def test_null_text_inversion_learns_the_pooled_rows_and_never_their_padding(tiny
     assert pooled[:, 32:48].abs().sum() > 0 and not pooled[:, 48:].any()
 
 
-def test_prompt_to_prompt_refuses_a_layout_of_several_encoders_in_one_line():
+def test_prompt_to_prompt_maps_a_layout_of_several_encoders_block_diagonally():
     from diffinv.editing import PromptToPrompt
 
     lay = TextLayout((Segment("clip", 0, 4, None), Segment("t5", 4, 4, None, start_token=False)), width=2)
-    with pytest.raises(DiffinvError, match="one text encoder's tokens.*2 \\(clip, t5\\)"):
-        PromptToPrompt().controller(lay, ["a cat"], [None], [0], 4, (8, 8))
+    c = PromptToPrompt().controller(lay, ["a cat", "a cat"], [None, "a dog"], [0, 0], 4, (8, 8))
+    assert c.mapping.shape == (2, 8, 8) and torch.equal(c.mapping[1], torch.eye(8))

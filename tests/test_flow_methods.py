@@ -262,10 +262,10 @@ def test_controlled_step_at_eta_zero_is_the_plain_sampler_and_one_pulls_to_the_i
     schedule = flow.schedule(4)
     with torch.no_grad():
         plain = sample(flow, schedule, z_T, cond, null, 2.0)
-        zero = sample(flow, schedule, z_T, cond, null, 2.0, step=ControlledStep(y0=y0, eta=0.0, eta_stop=4))
-        full = sample(flow, schedule, z_T, cond, null, 2.0, step=ControlledStep(y0=y0, eta=1.0, eta_stop=4))
+        zero = sample(flow, schedule, z_T, cond, null, 2.0, step=ControlledStep(y0=y0, eta=0.0, eta_stop=1.0))
+        full = sample(flow, schedule, z_T, cond, null, 2.0, step=ControlledStep(y0=y0, eta=1.0, eta_stop=1.0))
         off = sample(flow, schedule, z_T, cond, null, 2.0,
-                     step=ControlledStep(y0=y0, eta=1.0, eta_stop=4, rows=torch.tensor([False])))
+                     step=ControlledStep(y0=y0, eta=1.0, eta_stop=1.0, rows=torch.tensor([False])))
     torch.testing.assert_close(zero, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(off, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(full, y0, atol=1e-5, rtol=0)
@@ -282,3 +282,203 @@ def test_one_step_fireflow_and_rf_solver_agree_on_the_real_tiny_model(flow):
         many = [sample(flow, flow.schedule(4), z_T, cond, null, 1.5, step=s()) for s in (RFSolverStep, FireFlowStep)]
     torch.testing.assert_close(one[0], one[1], atol=1e-5, rtol=0)
     assert all(bool(torch.isfinite(z).all()) for z in many)
+
+
+# --- the methods: RF-Solver, FireFlow, RF-Inversion on flow models -------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffinv import BackboneConfig, DiffinvError  # noqa: E402
+from diffinv.data import Item  # noqa: E402
+from diffinv.inversion import FireFlowInversion, Inversion, RFInversion, RFSolverInversion  # noqa: E402
+from test_cli import FLOW_CONFIGS, REPO, cli, read_lines  # noqa: E402
+
+FLOW_METHODS = {"rf_solver": RFSolverInversion, "fireflow": FireFlowInversion, "rf_inversion": RFInversion}
+N = 3
+
+
+def item(seed: int, targets=("a photo of a dog",)) -> Item:
+    image = (np.random.default_rng(seed).random((16, 16, 3)) * 255).astype(np.uint8)
+    return Item(f"img{seed}", image, "a photo of a cat", list(targets))
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def flow_dir(request, tiny_sd3_dir, tiny_flux_dir):
+    return {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[request.param]
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_METHODS))
+def test_a_flow_method_is_refused_on_a_diffusion_model_before_any_work(name, tiny_model_dir):
+    method = FLOW_METHODS[name](BackboneConfig(pretrained=str(tiny_model_dir)), N)
+    with pytest.raises(DiffinvError, match=f"{name} solves a rectified flow's ODE.*SD 1.x/2.x"):
+        method.check_items([item(0)])
+
+
+@pytest.mark.parametrize("name, inverting, sampling", [("rf_solver", 2 * N, 2 * N), ("fireflow", N + 1, N + 1),
+                                                       ("rf_inversion", N, N)])
+def test_each_method_counts_its_evaluations_and_its_records_re_edit_exactly(name, inverting, sampling, flow_dir):
+    method = FLOW_METHODS[name](BackboneConfig(pretrained=str(flow_dir)), N)
+    [r] = method.run_batch([item(0)])
+    assert (r.extra["evaluations_inversion"], r.extra["evaluations_sampling"]) == (inverting, sampling)
+    assert r.inversion.plan.step == name and torch.isfinite(r.reconstruction).all()
+    record = Inversion.load(r.inversion.save(Path(flow_dir).parent / f"{name}.safetensors"))
+    with torch.no_grad():
+        [(z, [edit])] = method.edit([record], [["a photo of a dog"]], ids=["img0"])
+        decoded = method.backbone.decode(torch.stack([z, edit])).cpu()
+    assert torch.equal(decoded[0], r.reconstruction) and torch.equal(decoded[1], r.edits[0])
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_METHODS))
+def test_a_flow_methods_items_do_not_depend_on_their_batch(name, tiny_flux_dir):
+    method = FLOW_METHODS[name](BackboneConfig(pretrained=str(tiny_flux_dir)), N)
+    batch = method.run_batch([item(0), item(1, targets=("a photo of a red car", "a big dog"))])
+    alone = method.run_batch([item(1, targets=("a photo of a red car", "a big dog"))])[0]
+    for a, b in zip([alone.reconstruction, *alone.edits], [batch[1].reconstruction, *batch[1].edits]):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_rf_inversions_noise_is_keyed_by_the_item_and_gamma_pulls_toward_it(tiny_sd3_dir):
+    def top(gamma, seed=0, key=0):
+        m = RFInversion(BackboneConfig(pretrained=str(tiny_sd3_dir)), N, gamma=gamma, seed=seed)
+        return m.run_batch([item(key)])[0].inversion.start_latent
+
+    assert torch.equal(top(0.5), top(0.5)) and not torch.equal(top(0.5), top(0.5, seed=1))
+    y1 = __import__("diffinv.seeds", fromlist=["keyed_normal"]).keyed_normal((4, 8, 8), 0, "rf_inversion", "img0")
+    assert torch.allclose(top(1.0), y1, atol=1e-5)  # gamma = 1: the controlled ODE lands on its noise sample
+    assert not torch.allclose(top(0.0), y1, atol=1e-2)
+
+
+def test_rf_inversion_refuses_bad_settings_in_one_line():
+    with pytest.raises(DiffinvError, match="gamma must be in"):
+        RFInversion(gamma=1.5)
+    with pytest.raises(DiffinvError, match="eta_start and eta_stop"):
+        RFInversion(eta_start=0.5, eta_stop=0.2)
+
+
+def test_a_flow_record_is_refused_on_a_diffusion_model(tiny_sd3_dir, tiny_model_dir, tmp_path):
+    [r] = RFSolverInversion(BackboneConfig(pretrained=str(tiny_sd3_dir)), N).run_batch([item(0)])
+    other = RFSolverInversion(BackboneConfig(pretrained=str(tiny_model_dir)), N)
+    with pytest.raises(DiffinvError):
+        other.edit([r.inversion], [[]])
+
+
+@pytest.mark.parametrize("config", FLOW_CONFIGS)
+def test_flow_configs_run_through_the_cli_and_refuse_a_diffusion_model(config, flow_dir, tiny_model_dir, tmp_path):
+    Image.fromarray((np.random.default_rng(1).random((20, 28, 3)) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    args = ["-c", str(REPO / "configs" / config), "--model.num_inference_steps", str(N), "--trainer.accelerator",
+            "cpu", "--data.image", str(tmp_path / "x.png"), "--data.source_prompt", "a photo of a cat",
+            "--data.target_prompts", '["a photo of a dog"]', "--data.resolution", "16"]
+    if "flowedit_flux" in config and flow_dir.name.startswith("tiny_sd3"):  # SD 3 has no guidance embedding
+        with pytest.raises(SystemExit) as e:
+            cli("predict", *args, "--model.backbone.pretrained", str(flow_dir), "--output_dir", str(tmp_path / "o"))
+        assert e.value.code not in (0, None) and not (tmp_path / "o" / "x").exists()
+        return
+    cli("predict", *args, "--model.backbone.pretrained", str(flow_dir), "--output_dir", str(tmp_path / "out"))
+    lines = read_lines(tmp_path / "out" / "metrics.jsonl")
+    assert [x["target_prompt"] for x in lines] == [None, "a photo of a dog"]
+    assert all(np.isfinite(x["psnr"]) and x["evaluations_sampling"] > 0 for x in lines)
+    # the saved record re-edits through the CLI (--data.records), with a new target
+    cli("predict", "-c", str(REPO / "configs" / config), "--model.backbone.pretrained", str(flow_dir),
+        "--trainer.accelerator", "cpu", "--data.records", str(tmp_path / "out"), "--data.target_prompts",
+        '["a photo of a red car"]', "--output_dir", str(tmp_path / "again"))
+    again = read_lines(tmp_path / "again" / "metrics.jsonl")
+    assert again[0]["psnr"] == lines[0]["psnr"]  # the same reconstruction, from the record
+    with pytest.raises(SystemExit) as e:
+        cli("predict", *args, "--model.backbone.pretrained", str(tiny_model_dir), "--output_dir", str(tmp_path / "sd"))
+    assert e.value.code not in (0, None)
+
+
+# --- FlowEdit, the editor ------------------------------------------------------------------------------------------
+from diffinv import DDIMInversion  # noqa: E402
+from diffinv.editing import FlowEdit  # noqa: E402
+
+
+def test_flowedit_with_the_source_as_target_returns_the_source_latent(tiny_sd3_dir):
+    """Target = source at equal guidance: every velocity difference is 0, the edit is the source latent itself
+    (decoded: the VAE's reconstruction of the image), whatever the noise."""
+    method = DDIMInversion(BackboneConfig(pretrained=str(tiny_sd3_dir)), 4, guidance_scale=1.0,
+                           editor=FlowEdit(n_max=1.0, source_guidance=2.0, target_guidance=2.0))
+    [r] = method.run_batch([item(0, targets=("a photo of a cat",))])
+    with torch.no_grad():
+        vae_only = method.backbone.decode(r.inversion.z0[None])[0].cpu()
+    assert (r.edits[0] - vae_only).abs().max() < 1e-5
+    other = DDIMInversion(BackboneConfig(pretrained=str(tiny_sd3_dir)), 4, guidance_scale=1.0,
+                          editor=FlowEdit(n_max=1.0, source_guidance=2.0, target_guidance=2.0))
+    [d] = other.run_batch([item(0, targets=("a photo of a dog",))])
+    assert (d.edits[0] - vae_only).abs().max() > 1e-3  # another target does edit: the check can fail
+    assert d.extra["evaluations_sampling"] == 4 + 2 * 4  # the reconstruction's 4, then 2 a step (source, target)
+
+
+@pytest.mark.parametrize("flow", ["sd3", "flux"])
+def test_flowedit_edits_do_not_depend_on_their_batch(flow, tiny_sd3_dir, tiny_flux_dir):
+    folder = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[flow]
+    editor = FlowEdit(n_max=0.75, n_avg=2, embedded_guidance=flow == "flux", source_guidance=1.5, target_guidance=4.0)
+    method = DDIMInversion(BackboneConfig(pretrained=str(folder)), 4, guidance_scale=1.0, editor=editor)
+    batch = method.run_batch([item(0), item(1, targets=("a photo of a red car", "a big dog"))])
+    alone = method.run_batch([item(1, targets=("a big dog",))])[0]
+    assert (alone.edits[0] - batch[1].edits[1]).abs().max() < 1e-4
+
+
+def test_flowedit_is_refused_before_any_work_where_it_cannot_run(tiny_model_dir, tiny_sd3_dir):
+    sd = DDIMInversion(BackboneConfig(pretrained=str(tiny_model_dir)), 4, editor=FlowEdit())
+    with pytest.raises(DiffinvError, match="FlowEdit solves a rectified flow's ODE"):
+        sd.check_items([item(0)])
+    sd3 = DDIMInversion(BackboneConfig(pretrained=str(tiny_sd3_dir)), 4, editor=FlowEdit(embedded_guidance=True))
+    with pytest.raises(DiffinvError, match="not guidance-distilled"):
+        sd3.check_items([item(0)])
+    with pytest.raises(DiffinvError, match="n_min < n_max"):
+        FlowEdit(n_max=0.2, n_min=0.5)
+
+
+def test_every_records_reconstruction_is_its_own_under_every_config_on_a_flow(tiny_sd3_dir):
+    """The record-pinning matrix of tests/test_record_pinning.py on SD 3, where the flow solvers run too: each
+    method's record re-edited by every method's config reconstructs as its own (within float noise), or is refused
+    in one line (ProxNPI's record by the others)."""
+    from diffinv.inversion import registry
+
+    bb = BackboneConfig(pretrained=str(tiny_sd3_dir))
+    settings = {"null_text": {"num_inner_steps": 2}, "latent_top": {"num_inner_steps": 2, "num_starts": 1}}
+    makers = {m.name: (lambda m=m: m.cls(bb, N, **settings.get(m.name, {}))) for m in registry.METHODS}
+    optimizing = {m.name for m in registry.METHODS if m.optimizes}
+    for record in ("rf_solver", "fireflow", "rf_inversion", "npi", "edict", "proxnpi"):
+        method = makers[record]()
+        with torch.enable_grad() if record in optimizing else torch.inference_mode():
+            inv = method.run_batch([item(0, targets=[])])[0].inversion
+            (own, _), = method.edit([inv], [["a photo of a dog"]])
+        refused = []
+        for name, make in makers.items():
+            try:
+                with torch.inference_mode():
+                    (rec, _), = make().edit([inv], [["a photo of a dog"]])
+            except DiffinvError as e:
+                assert "\n" not in str(e)
+                refused.append(name)
+                continue
+            assert (rec - own).abs().max() < 1e-5, (record, name)
+        # ProxNPI's record is refused by the others; a flow solver's record by ProxNPI, whose reconstruction and
+        # inversion guidances correct a DDIM step's x0 and latent, which a flow solver's step has not
+        flow = record in ("rf_solver", "fireflow", "rf_inversion")
+        assert refused == ([n for n in makers if n != "proxnpi"] if record == "proxnpi"
+                           else ["proxnpi"] if flow else []), record
+
+
+def test_a_flow_method_run_directly_on_a_diffusion_model_is_refused_in_one_line(tiny_model_dir):
+    with pytest.raises(DiffinvError, match="fireflow solves a rectified flow's ODE"):
+        FireFlowInversion(BackboneConfig(pretrained=str(tiny_model_dir)), N).run_batch([item(0)])
+
+
+@pytest.mark.parametrize("method", ["rf_solver", "ddim"])
+def test_progress_counts_every_step_of_a_flow_solver_and_of_ddim(method, tiny_sd3_dir):
+    """A flow solver's inversion evaluates the level each step leaves (0 .. N - 1), DDIM's the level it reaches
+    (1 .. N): both count 1..N inverting, then 1..N sampling."""
+    import diffinv
+
+    model = diffinv.load(str(tiny_sd3_dir), device="cpu")
+    seen = []
+    model.invert(np.full((16, 16, 3), 120, np.uint8), "a photo of a cat", method=method, steps=3,
+                 progress=lambda fraction, what: seen.append(what))
+    steps = ["step 1/3", "step 2/3", "step 3/3"]
+    assert [w.split(": ")[1] for w in seen if w.startswith("inverting")] == steps
+    assert [w.split(": ")[1] for w in seen if w.startswith("sampling")] == steps

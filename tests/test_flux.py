@@ -147,3 +147,31 @@ def test_flux_warns_about_long_prompts_at_t5s_limit(tiny_flux):
         tiny_flux.encode_prompts([" ".join(["cat"] * 20)])  # over the tiny CLIP's 8 tokens: no warning
     with pytest.warns(UserWarning, match=r"over the text encoder's limit of 512: it is truncated to its first 511 "):
         tiny_flux.encode_prompts([" ".join(["cat"] * 600)])
+
+
+def test_embedded_guidance_is_a_backbone_option_pinned_in_records(tiny_flux_dir, tiny_flux_schnell_dir, tmp_path):
+    """FLUX.1-dev's distilled guidance goes through the family's channel (--model.backbone.embedded_guidance): it
+    reaches the transformer, records pin it, and a record re-edited under another value is refused in one line."""
+    import numpy as np
+
+    from diffinv import DiffinvError, NegativePromptInversion
+    from diffinv.data import Item
+    from diffinv.inversion import Inversion, check_record
+
+    default = Backbone.load(BackboneConfig(pretrained=str(tiny_flux_dir)))
+    strong = Backbone.load(BackboneConfig(pretrained=str(tiny_flux_dir), embedded_guidance=7.0))
+    assert default.family.embedded_guidance(default) == 3.5 and strong.family.embedded_guidance(strong) == 7.0
+    z, t = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0)), strong.schedule(3).timesteps[1]
+    cond = default.encode_prompts([PROMPT])
+    with torch.no_grad():
+        assert not torch.equal(default.eps(z, t, cond), strong.eps(z, t, cond))  # it reaches the transformer
+    with pytest.raises(DiffinvError, match="schnell\\) has no guidance embedding"):
+        Backbone.load(BackboneConfig(pretrained=str(tiny_flux_schnell_dir), embedded_guidance=2.0))
+
+    image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    method = NegativePromptInversion(BackboneConfig(pretrained=str(tiny_flux_dir), embedded_guidance=7.0), 3)
+    record = Inversion.load(method.run_batch([Item("x", image, PROMPT)])[0].inversion.save(tmp_path / "x.safetensors"))
+    assert record.plan.embedded_guidance == 7.0
+    check_record(record, strong)
+    with pytest.raises(DiffinvError, match="embedded guidance 7.*gives it 3.5: load the model with embedded_guidance 7"):
+        check_record(record, default)

@@ -326,8 +326,8 @@ def test_bench_writes_pie_benchs_tables_end_to_end(dino_dir, tmp_path, monkeypat
                  {"label": "DDIM+P2P", "config": "configs/reference/pie_bench_p2p.yaml",
                   "args": ["--model.class_path", "diffinv.inversion.DDIMInversion"]}],
         "steps": [3], "table": "pie_bench", "output_dir": str(tmp_path / "out"),
-        "args": ["--data.pie_bench", str(root), "--model.editor.init_args.annotations", str(root),
-                 "--data.batch_size", "3", "--trainer.accelerator", "cpu"]}))
+        # the annotations reach the editor with the items (--data.pie_bench), not from a second copy of the folder
+        "args": ["--data.pie_bench", str(root), "--data.batch_size", "3", "--trainer.accelerator", "cpu"]}))
     main(["bench", "-c", str(config), "--dino_model", str(dino_dir), "--clip_model", "/no/such/clip-e2e"])
     out = tmp_path / "out"
     err = capsys.readouterr().err
@@ -361,3 +361,19 @@ def test_bench_writes_pie_benchs_tables_end_to_end(dino_dir, tmp_path, monkeypat
     assert {x["target_prompt"] for x in lines if x["kind"] == "edit"} == {
         " ".join(e["editing_prompt"].replace("[", "").replace("]", "").split()) for e in entries.values()}
     assert all(x["edit_with"] == "prompt_to_prompt" for x in lines if x["kind"] == "edit")
+
+
+def test_the_items_own_annotations_reach_the_editor(tiny_model_dir, tmp_path):
+    """--data.pie_bench carries each item's annotation in Item.meta; the pipeline hands it to the editor
+    (EditContext.annotations): the same edit as the annotation read from the folder by id, and not the
+    unannotated one."""
+    import dataclasses
+
+    bb = BackboneConfig(pretrained=str(tiny_model_dir))
+    root = annotate(tmp_path / "pie", {"img0": {"blended_word": "cat dog"}})
+    from_folder = run(DDIMInversion(bb, STEPS, editor=PieBenchP2P(annotations=root)), [item(0)])[0]
+    carried = dataclasses.replace(item(0), meta={"blended_word": "cat dog"})
+    from_item = run(DDIMInversion(bb, STEPS, editor=PieBenchP2P()), [carried])[0]
+    torch.testing.assert_close(from_item.edits[0], from_folder.edits[0], atol=1e-6, rtol=0)
+    bare = run(DDIMInversion(bb, STEPS, editor=PieBenchP2P()), [item(0)])[0]
+    assert (bare.edits[0] - from_item.edits[0]).abs().max() > 1e-3

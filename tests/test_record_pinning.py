@@ -17,8 +17,10 @@ from test_methods import item
 STEPS = 6
 TARGET = "a photo of a dog"
 SETTINGS = {"null_text": {"num_inner_steps": 2}, "latent_top": {"num_inner_steps": 2, "num_starts": 1}}
-METHODS = {  # every registered method, and EDICT at another scale (the re-edit)
-    **{m.name: (lambda bb, m=m: m.cls(bb, STEPS, **SETTINGS.get(m.name, {}))) for m in registry.METHODS},
+METHODS = {  # every registered method that runs on the tiny SD (the flow solvers: tests/test_flow_methods.py), and
+    # EDICT at another scale (the re-edit)
+    **{m.name: (lambda bb, m=m: m.cls(bb, STEPS, **SETTINGS.get(m.name, {}))) for m in registry.METHODS
+       if not m.cls.needs_flow},
     "edict_w75": lambda bb: EDICT(bb, STEPS, guidance_scale=7.5),
 }
 OPTIMIZING = {m.name for m in registry.METHODS if m.optimizes}

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Edited": ".api",
     "PromptToPrompt": ".editing",
     "SDEdit": ".editing",
+    "FlowEdit": ".editing",
 }
 """Names imported on first use; the inversion methods' classes come on top, from their registry
 (:mod:`diffinv.inversion.registry`), imported when one is first asked for."""

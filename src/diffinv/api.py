@@ -33,9 +33,14 @@ from .data.items import _safe_id
 from .editing.editor import Editor
 from .errors import DiffinvError
 from .inversion import Inversion, InversionMethod, check_record, registry
+from .inversion.base import StepObserver
 from .metrics import psnr
-from .output import check_item_id, to_pil
-from .progress import console_progress, model_progress
+from .output import DONE_MARKER, check_item_id, to_pil
+from .progress import Progress, console_progress, model_progress
+
+
+MAX_ASPECT = 4.0
+"""Images whose long side is more than this many times the short one are refused (the CLI's --data.max_aspect)."""
 
 
 def methods() -> dict[str, str]:
@@ -53,7 +58,7 @@ def _entry(method: str) -> registry.Method:
 
 
 def load(model: str = EMBEDDED_MODEL, device: str = "auto", revision: str | None = None,
-         variant: str | None = None) -> Model:
+         variant: str | None = None, embedded_guidance: float | None = None) -> Model:
     """A model to invert and edit with.
 
     Args:
@@ -62,6 +67,7 @@ def load(model: str = EMBEDDED_MODEL, device: str = "auto", revision: str | None
         device: 'cpu', 'cuda', 'cuda:1', ... or 'auto' (the GPU where there is one).
         revision: The hub revision of a hub id.
         variant: A weight variant to load, e.g. 'fp16'.
+        embedded_guidance: A guidance-distilled model's guidance scale (FLUX.1-dev; default its pipeline's 3.5).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,15 +75,17 @@ def load(model: str = EMBEDDED_MODEL, device: str = "auto", revision: str | None
         device = torch.device(device)
     except RuntimeError as e:
         raise DiffinvError(f"unknown device {device!r} ({e})") from None
-    config = BackboneConfig(pretrained=model, revision=revision, variant=variant)
+    config = BackboneConfig(pretrained=model, revision=revision, variant=variant, embedded_guidance=embedded_guidance)
     return Model(Backbone.load(config).to(device), config)
 
 
-def load_inversion(path: str | Path, model: Model, **options) -> Inverted:
+def load_inversion(path: str | Path, model: Model, id: str | None = None, **options) -> Inverted:
     """A saved inversion record (from :meth:`Inverted.save`, ``diffinv predict``/``fit`` or the browser editor),
-    reconstructed on ``model``; ``options``: the method's settings a record of its kind pins (ProxNPI's
+    reconstructed on ``model``. ``id``: the item id its edits' seeded noise is keyed by (SDEdit, FlowEdit); default:
+    the id it was inverted under, which the record keeps (records of earlier versions: as the CLI names them, its
+    folder's name for ``<id>/inversion.safetensors``, else the file's name). ``options``: the method's settings a record of its kind pins (ProxNPI's
     ``proximal``), where they are not the defaults."""
-    return model.load_inversion(path, **options)
+    return model.load_inversion(path, id=id, **options)
 
 
 class Model:
@@ -116,7 +124,8 @@ class Model:
 
     def invert(self, image, prompt: str | list[str], method: str = "npi", steps: int = 50,
                guidance_scale: float | None = None, targets: list[str] | list[list[str]] = (),
-               id: str | list[str] | None = None, progress: bool = True, **options) -> Inverted | list[Inverted]:
+               id: str | list[str] | None = None, progress: bool | Progress = True,
+               **options) -> Inverted | list[Inverted]:
         """Invert one image, or a list of them as one batch (each result as alone).
 
         Args:
@@ -124,14 +133,15 @@ class Model:
                 tensor; or a list of them.
             prompt: The image's caption (the source prompt); a list with a list of images.
             method: An inversion method (:func:`methods`: 'ddim', 'npi', 'proxnpi', 'null_text', 'latent_top',
-                'cycle_diffusion', 'direct_inversion', 'edict', 'ddpm_inversion'; a label such as 'NTI' too).
+                'cycle_diffusion', 'direct_inversion', 'edict', 'ddpm_inversion'; on flow models 'rf_solver',
+                'fireflow', 'rf_inversion'; a label such as 'NTI' too).
             steps: The number of sampling steps.
             guidance_scale: Classifier-free guidance scale (the method's default where None).
             targets: Target prompts edited in the same run (plain prompt swap; :meth:`Inverted.edit` for editors),
                 a list per image with a list of images.
             id: The item id (seeds the keyed noise of CycleDiffusion, DDPM inversion and SDEdit, as the CLI's
                 ``--data`` ids do): a path's file name or 'image' where None.
-            progress: Draw a progress bar.
+            progress: Draw a progress bar (or tell this function: ``progress(fraction, what)``).
             options: The method's other settings (e.g. ``num_inner_steps`` for null-text inversion,
                 ``proximal=diffinv.ProximalGuidance(quantile=0.7)`` for ProxNPI).
         """
@@ -148,9 +158,11 @@ class Model:
         m = self.method(entry, steps, guidance_scale, **options)
         m.check_items(items)
         phases = ["inverting", "optimising", "sampling"] if entry.optimizes else ["inverting", "sampling"]
+        h, w = m.fitted_image(items[0]).shape[:2]
+        f = self.backbone.vae_scale_factor  # the timesteps of the image's size (FLUX.1-dev's shift depends on it)
+        timesteps = self.backbone.schedule(steps, latent_size=(h // f, w // f)).timesteps
         t0 = time.perf_counter()
-        with console_progress(progress) as report, \
-                model_progress(self.backbone, self.backbone.schedule(steps).timesteps, phases, report), \
+        with console_progress(progress) as report, model_progress(self.backbone, timesteps, phases, report), \
                 (torch.enable_grad() if entry.optimizes else torch.no_grad()):
             results = m.run_batch(items)
         seconds = (time.perf_counter() - t0) / len(items)
@@ -159,16 +171,19 @@ class Model:
                for r in results]
         return out if many else out[0]
 
-    def load_inversion(self, path: str | Path, **options) -> Inverted:
-        """See :func:`load_inversion`."""
+    def load_inversion(self, path: str | Path, id: str | None = None, progress: bool | Progress = False,
+                       **options) -> Inverted:
+        """See :func:`load_inversion`; ``progress``: as :meth:`invert`'s."""
         record = Inversion.load(path)
+        path = Path(path)
+        item_id = id or record.meta.get("item_id") or (path.parent.name if path.name == DONE_MARKER else path.stem)
         if record.model != self.config.pretrained:
             warnings.warn(f"{path} was made with model {record.model!r}, reconstructed with "
                           f"{self.config.pretrained!r}", stacklevel=2)
         check_record(record, self.backbone)
         t0 = time.perf_counter()
-        [reconstruction] = _sample(self, record, [], None, options, progress=False)
-        return Inverted(self, record, Path(path).stem, record.source_image.float() / 255, reconstruction, options,
+        [reconstruction] = _sample(self, record, [], None, options, progress, item_id)
+        return Inverted(self, record, item_id, record.source_image.float() / 255, reconstruction, options,
                         time.perf_counter() - t0)
 
 
@@ -180,7 +195,7 @@ class Edited:
     tensor: Tensor = field(repr=False)
     """(3, H, W) in [0, 1], on the CPU."""
     editor: str
-    """What made it: 'prompt' (the prompt swap), 'prompt_to_prompt', 'sdedit'."""
+    """What made it: 'prompt' (the prompt swap), 'prompt_to_prompt', 'sdedit', 'flowedit'."""
     seconds: float
 
     @property
@@ -222,14 +237,16 @@ class Inverted:
         """The reconstruction's PSNR against the source in dB (inf where identical)."""
         return psnr(self.reconstruction_tensor, self.source_tensor)
 
-    def edit(self, target: str | list[str], editor: Editor | None = None,
-             progress: bool = False) -> Edited | list[Edited]:
+    def edit(self, target: str | list[str], editor: Editor | None = None, progress: bool | Progress = False,
+             observe: StepObserver | None = None) -> Edited | list[Edited]:
         """Edit with one target prompt, or several (one batch), from the inversion (no new inversion): the prompt
-        swap, or ``editor`` (``diffinv.PromptToPrompt(...)``, ``diffinv.SDEdit(...)``)."""
+        swap, or ``editor`` (``diffinv.PromptToPrompt(...)``, ``diffinv.SDEdit(...)``). ``progress``: as
+        :meth:`Model.invert`'s; ``observe``: told every sampling step (the rows, the level left, the latents and
+        ProxNPI's unedited-region mask)."""
         many = isinstance(target, (list, tuple))
         targets = [check_prompt(t, f"target prompt {k}") for k, t in enumerate(target if many else [target])]
         t0 = time.perf_counter()
-        images = _sample(self.model, self.record, targets, editor, self.options, progress, self.id)
+        images = _sample(self.model, self.record, targets, editor, self.options, progress, self.id, observe)
         seconds = (time.perf_counter() - t0) / len(targets)
         name = editor.edit_name if editor is not None else Editor.edit_name
         out = [Edited(t, image, name, seconds) for t, image in zip(targets, images)]
@@ -242,11 +259,12 @@ class Inverted:
 
 
 def _sample(model: Model, record: Inversion, targets: list[str], editor: Editor | None, options: dict,
-            progress: bool, item_id: str = "image") -> list[Tensor]:
+            progress: bool | Progress, item_id: str = "image", watch: StepObserver | None = None) -> list[Tensor]:
     """The record's reconstruction (no targets) or its edits, decoded, (3, H, W) on the CPU each: the method that
     made it, with its own step count and guidance scale, as ``diffinv predict`` edits a saved record."""
     entry = registry.by_name(record.method)
     m = model.method(entry, record.num_steps, record.guidance_scale, editor=editor, **options)
+    m.check_items([])  # the step count against the model, and the method against the model's family
     m.check_saved(record)
     if editor is not None:
         editor.check_model(model.backbone.unet)
@@ -257,6 +275,8 @@ def _sample(model: Model, record: Inversion, targets: list[str], editor: Editor 
     with console_progress(progress) as report, torch.no_grad():
         def observe(rows, k, z, keep):
             report(min(0.99, (n - k + 1) / n), f"sampling: step {n - k + 1}/{n}")
+            if watch is not None:
+                watch(rows, k, z, keep)
 
         [(reconstruction, edits)] = m.edit([record], [targets], ids=[item_id], observe=observe)
         wanted = edits if targets else [reconstruction]
@@ -271,11 +291,15 @@ def _items(images: list, prompts: list, targets: list[list[str]], ids: list[str 
         where = f"image {k}" if len(images) > 1 else "the image"
         if isinstance(image, (str, Path)):
             row = InputRow(f"image {image}", prompt, tgt, image=Path(image).expanduser(), id=uid)
-            items.append(build_items([row], None, False)[0])
+            items.append(build_items([row], None, False, max_aspect=MAX_ASPECT)[0])
         else:
             uid = _safe_id(uid or "image")
             check_item_id(uid, where)
-            items.append(Item(uid, _rgb(image, where), check_prompt(prompt, f"the prompt of {where}"),
+            array = _rgb(image, where)
+            h, w = array.shape[:2]
+            if max(h, w) > MAX_ASPECT * min(h, w):
+                raise DiffinvError(f"{where} is {w}x{h}, over {MAX_ASPECT:g}:1 (the CLI's --data.max_aspect): crop it")
+            items.append(Item(uid, array, check_prompt(prompt, f"the prompt of {where}"),
                               [check_prompt(t, f"target prompt {j} of {where}") for j, t in enumerate(tgt)]))
     seen: dict[str, int] = {}
     for item in items:

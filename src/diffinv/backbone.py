@@ -27,12 +27,19 @@ from .errors import DiffinvError
 from .models import Family, StableDiffusion, TextLayout, family_of, first_line
 
 EMBEDDED_MODEL = "shapes"
+EMBEDDED_FLOW_MODEL = "shapes-flow"
+EMBEDDED_MODELS = {EMBEDDED_MODEL: "model", EMBEDDED_FLOW_MODEL: "flow_model"}
+"""The models that ship inside the package, by name: their folders under ``diffinv/shapes/``. "shapes": the
+U-Net (SD 1.x layout) on 32x32 scenes; "shapes-flow": the rectified-flow MM-DiT (SD 3 layout) on 48x48 striped
+scenes."""
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
 
-def embedded_model_path() -> Path:
-    """Folder of the shapes model that ships inside the package."""
-    return Path(__file__).resolve().parent / "shapes" / "model"
+def embedded_model_path(name: str = EMBEDDED_MODEL) -> Path:
+    """Folder of an embedded model (:data:`EMBEDDED_MODELS`; default the U-Net shapes model)."""
+    if name not in EMBEDDED_MODELS:
+        raise DiffinvError(f"no embedded model {name!r}; the embedded models are {', '.join(EMBEDDED_MODELS)}")
+    return Path(__file__).resolve().parent / "shapes" / EMBEDDED_MODELS[name]
 
 
 @dataclass
@@ -40,23 +47,27 @@ class BackboneConfig:
     """Which Stable Diffusion to load."""
 
     pretrained: str = EMBEDDED_MODEL
-    """'shapes' (the embedded offline model), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' or
+    """'shapes' (the embedded offline model), 'shapes-flow' (the embedded flow-matching model, SD 3 layout), a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' or
     'stabilityai/stable-diffusion-xl-base-1.0' (taken from the local hub cache; downloaded only when
     HF_HUB_OFFLINE is not set), or a local folder in diffusers layout (SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
     variant: str | None = None
     """Weight variant to load, e.g. 'fp16' for checkpoints that ship '*.fp16.safetensors'."""
+    embedded_guidance: float | None = None
+    """A guidance-distilled model's guidance scale, given to its transformer's guidance embedding (FLUX.1-dev;
+    default: its pipeline's, 3.5); refused on a model without one. Records pin it."""
 
 
 def _resolve(pretrained: str) -> tuple[str, bool]:
     """(path or hub id to load, is_local_folder)."""
-    if pretrained == EMBEDDED_MODEL:
-        path = embedded_model_path()
+    if pretrained in EMBEDDED_MODELS:
+        path = embedded_model_path(pretrained)
         if not (path / "model_index.json").exists():
+            flag = " --flow" if pretrained == EMBEDDED_FLOW_MODEL else ""
             raise DiffinvError(
-                f"the embedded shapes model is missing from {path}: reinstall diffinv, or train it with "
-                "`python scripts/train_shapes_model.py`"
+                f"the embedded {pretrained} model is missing from {path}: reinstall diffinv, or train it with "
+                f"`python scripts/train_shapes_model.py{flag}`"
             )
         return str(path), True
     path = Path(pretrained).expanduser()
@@ -173,7 +184,10 @@ class Backbone(nn.Module):
         config = config or BackboneConfig()
         source, local = _resolve(config.pretrained)
         family, parts = _load_components(source, local, config)
-        return cls(name=config.pretrained, family=family, **parts)
+        backbone = cls(name=config.pretrained, family=family, **parts)
+        if config.embedded_guidance is not None:
+            backbone.family = family.with_embedded_guidance(backbone, config.embedded_guidance)
+        return backbone
 
     def _apply(self, fn, recurse: bool = True):
         """Moves and casts the modules; the noise schedule follows the device but stays float64 (under
@@ -269,6 +283,20 @@ class Backbone(nn.Module):
             fn(t)
         return self.family.predict(self, z, t, self.layout.unpack(emb), alpha)
 
+    @contextmanager
+    def embedded_guidance_of(self, value: float | None) -> Iterator[None]:
+        """Within the block a guidance-distilled denoiser is given ``value`` (None: its own; a model without a
+        guidance embedding refuses any other in one line)."""
+        if value is None:
+            yield
+            return
+        family = self.family
+        self.family = family.with_embedded_guidance(self, value)
+        try:
+            yield
+        finally:
+            self.family = family
+
     def eps(self, z: Tensor, t: Tensor, emb: Tensor, alpha: Tensor | None = None) -> Tensor:
         """The noise prediction eps_theta(z, t, emb) the DDIM solver needs: ``predict(...)[0]``."""
         return self.predict(z, t, emb, alpha)[0]
@@ -279,9 +307,10 @@ class Backbone(nn.Module):
         return self.family.max_steps(self)
 
     def prompt_warnings(self, prompts: list[str]) -> list[str]:
-        """Warnings a user should see about prompts on this model before it runs: the embedded shapes model
-        knows only the words of its world, and spells any other word out letter by letter."""
-        if self.name != EMBEDDED_MODEL:
+        """Warnings a user should see about prompts on this model before it runs: the embedded shapes models
+        ("shapes", "shapes-flow") know only the words of their world, and spell any other word out letter by
+        letter."""
+        if self.name not in EMBEDDED_MODELS:
             return []
         from .shapes.world import VOCABULARY
 

@@ -25,7 +25,8 @@ Real-image inversion and text-guided editing with latent diffusion models.
 
   diffinv predict -c configs/npi.yaml [--data.manifest captions.jsonl] [--output_dir DIR] [...]
                   invert and edit with an optimization-free method (DDIM, NPI, ProxNPI, CycleDiffusion,
-                  DirectInversion, EDICT, DDPM inversion), or edit saved inversions (--data.records DIR)
+                  DirectInversion, EDICT, DDPM inversion; on flow models also RF-Solver, FireFlow,
+                  RF-Inversion: configs/flow/), or edit saved inversions (--data.records DIR)
   diffinv fit -c configs/null_text.yaml [...]
                   the optimizing methods (null-text inversion, latent-TOP)
   diffinv bench -c configs/bench_reconstruction.yaml [--output_dir DIR]

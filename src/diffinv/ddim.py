@@ -75,6 +75,9 @@ class Schedule:
         """Whether :meth:`move` from level k is an invertible map of z (it maps everything onto eps at alpha 0)."""
         return float(self.alphas[k]) > 0.0
 
+    is_flow = False
+    """A rectified flow's schedule (:class:`FlowSchedule`): its levels have sigmas, the flow solvers step it."""
+
 
 def flow_norm(s: Tensor) -> Tensor:
     """sqrt((1 - s)^2 + s^2): a rectified-flow latent x_s = (1 - s) x0 + s eps is z = x / flow_norm(s) in DDIM's
@@ -89,6 +92,7 @@ class FlowSchedule(Schedule):
 
     sigmas: Tensor = None
     """(N + 1,) sigma of level 0 (0: clean) .. level N (1: pure noise), float64."""
+    is_flow = True
 
     def move(self, z: Tensor, eps: Tensor, x0: Tensor | None, k_from: int, k_to: int) -> Tensor:
         """The flow's own Euler step x' = x + (s_to - s_from) v with v = eps - x0 (x = (1 - s) x0 + s eps), in z

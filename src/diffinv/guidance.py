@@ -181,6 +181,11 @@ class GuidanceRule(Protocol):
 
     def correct_z(self, z: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor: ...
 
+    @property
+    def corrects(self) -> bool:
+        """Whether :meth:`correct_x0` or :meth:`correct_z` may change anything (a step rule that has no x0 or no
+        DDIM latent to correct, the flow solvers', refuses such a rule rather than dropping its corrections)."""
+
 
 def row_scale(scale: float | Tensor, like: Tensor) -> float | Tensor:
     """A guidance scale as a number, or (B,) one per row shaped (B, 1, 1, 1) for latents like ``like``."""
@@ -203,6 +208,8 @@ class ClassifierFree:
 
     def correct_z(self, z: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
         return z
+
+    corrects = False
 
 
 @dataclass
@@ -243,6 +250,10 @@ class Proximal:
 
     def _guides(self, t: int) -> bool:
         return t < self.config.until_timestep
+
+    @property
+    def corrects(self) -> bool:
+        return bool(self.config.reconstruction_guidance or self.config.inversion_guidance)
 
     def correct_x0(self, x0: Tensor, t: int, k: int, mask: Tensor | None) -> Tensor:
         if self.config.reconstruction_guidance and self._guides(t):

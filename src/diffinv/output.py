@@ -65,9 +65,11 @@ LINE_FIELDS = frozenset({
     "inner_iterations", "final_step_loss",  # optimizing methods (diffinv.inversion.result.optimization_summary)
     "pixel_noise", "caption_before_perturbation",  # --data.perturb (diffinv.data.Perturbation.apply)
 })
-MEASURED = re.compile(r"(psnr|ssim|mse|lpips|clip_score|seconds|shapes_edit|shapes_others)(_\w*)?")
-"""Names of measured fields: the metrics against the source (and their ``_unedited``/``_edited`` variants), the
-timings, the bench's shapes-world scores."""
+MEASURED = re.compile(r"(psnr|ssim|mse|lpips|clip_score|clip_similarity|structure_distance|seconds|evaluations"
+                      r"|shapes_edit|shapes_others)(_\w*)?")
+"""Names of measured fields: the metrics against the source (and their ``_unedited``/``_edited`` variants),
+PIE-Bench's structure distance and CLIP similarities, the timings and model evaluations, the bench's shapes-world
+scores."""
 
 
 def is_line_field(key: str) -> bool:

@@ -1,10 +1,11 @@
 """The browser editor's work without the browser: invert one image once, then edit it any number of times.
 
-:class:`Studio` holds the loaded models (one lock per model: one request at a time on its device) and the folder
-the user chose; every browser session has its own :class:`Session` and its own sub-folder, so nothing passes
-between two sessions. The Gradio page (:mod:`diffinv.app.ui`) is a thin layer over :meth:`Studio.invert`,
-:meth:`Studio.edit` and :meth:`Studio.load_record`. Everything here runs the same code as ``diffinv predict``:
-an edit made here equals the CLI's edit of the same image, prompts and settings.
+:class:`Studio` holds the loaded models (the Python API's :class:`~diffinv.api.Model`; one lock per model: one
+request at a time on its device) and the folder the user chose; every browser session has its own
+:class:`Session` and its own sub-folder, so nothing passes between two sessions. The Gradio page
+(:mod:`diffinv.app.ui`) is a thin layer over :meth:`Studio.invert`, :meth:`Studio.edit` and
+:meth:`Studio.load_record`, which invert, edit and load through the Python API (:mod:`diffinv.api`): an edit made
+here equals the API's and the CLI's edit of the same image, prompts and settings.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..backbone import EMBEDDED_MODEL, Backbone, BackboneConfig
-from ..data import InputRow, build_items, check_prompt
+from .. import api
+from ..backbone import EMBEDDED_MODEL, Backbone
+from ..data import check_prompt
 from ..editing.editor import Editor, Row
 from ..editing.prompt_to_prompt import PromptToPrompt
 from ..editing.sdedit import SDEdit
 from ..errors import DiffinvError
 from ..guidance import ProximalGuidance
-from ..inversion import Inversion, InversionMethod, check_record, registry
-from ..metrics import psnr
+from ..inversion import Inversion, InversionMethod, registry
 from ..output import save_png
-from ..progress import Progress, model_progress
+from ..progress import Progress
 from .guard import SESSIONS, ModelMenu
 
 METHODS: dict[str, type[InversionMethod]] = {m.label: m.cls for m in registry.methods(in_app=True)}
@@ -46,9 +47,6 @@ EditorName = Literal["none", "P2P replace", "P2P refine", "P2P reweight", "SDEdi
 EDITORS: tuple[str, ...] = EditorName.__args__
 MAX_EDITS = 64
 """Edits kept per session; older ones leave the gallery (their files stay in the session's folder)."""
-
-"""Told the fraction done (0..1) and what is being done."""
-
 
 def _quiet(fraction: float, what: str) -> None:
     return None
@@ -122,13 +120,18 @@ class Session:
     """One browser session's state: its folder, its current inversion and its edits (never shared)."""
 
     folder: Path
-    record: Inversion | None = None
+    inverted: api.Inverted | None = None
+    """The current inversion (the Python API's: its record re-edits as it was made)."""
     record_path: Path | None = None
     run: Path | None = None
     """The current inversion's sub-folder (one per Invert/Load: a new one never overwrites an older one)."""
     settings: InvertSettings = field(default_factory=InvertSettings)
     edits: list[Picture] = field(default_factory=list)
     runs: int = 0
+
+    @property
+    def record(self) -> Inversion | None:
+        return None if self.inverted is None else self.inverted.record
 
     def files(self) -> list[Path]:
         """The current inversion's downloadable files: its record, source, reconstruction and edits."""
@@ -223,7 +226,7 @@ class Studio:
         except RuntimeError as e:
             raise DiffinvError(f"unknown device {device!r} ({e})") from None
         self.max_models = max(1, int(max_models))
-        self._models: OrderedDict[str, Backbone] = OrderedDict()
+        self._models: OrderedDict[str, api.Model] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
         self._pool = threading.Lock()
 
@@ -232,7 +235,7 @@ class Studio:
         with self._pool:
             return self._locks.setdefault(model, threading.Lock())
 
-    def backbone(self, model: str) -> Backbone:
+    def model(self, model: str) -> api.Model:
         """The loaded model (loaded on first use; a missing one raises a one-line DiffinvError). Only the
         server's models are ever loaded: ``model`` is one of :attr:`models`, by name or by value."""
         model = self.models.pretrained(model)
@@ -246,21 +249,19 @@ class Studio:
                 lock = self._locks.get(old)
                 if lock is None or not lock.locked():
                     del self._models[old]
-        backbone = Backbone.load(BackboneConfig(pretrained=model)).to(self.device)
+        loaded = api.load(model, device=str(self.device))
         with self._pool:
-            self._models[model] = backbone
-        return backbone
+            self._models[model] = loaded
+        return loaded
 
-    def method(self, cls: type[InversionMethod], model: str, steps: int, guidance_scale: float,
-               quantile: float = 0.7, editor: Editor | None = None) -> InversionMethod:
-        """An inversion method on the shared, already loaded model."""
-        kw = dict(backbone=BackboneConfig(pretrained=self.models.pretrained(model)), num_inference_steps=steps,
-                  guidance_scale=guidance_scale, editor=editor)
-        if registry.by_class(cls).proximal:
-            kw["proximal"] = ProximalGuidance(quantile=quantile)
-        method = cls(**kw)
-        method._backbone = self.backbone(model)
-        return method.to(self.device)
+    def backbone(self, model: str) -> Backbone:
+        """The loaded model's backbone (:meth:`model`)."""
+        return self.model(model).backbone
+
+    @staticmethod
+    def options(entry: registry.Method, quantile: float) -> dict:
+        """The method's page settings beyond steps and guidance (ProxNPI's quantile)."""
+        return {"proximal": ProximalGuidance(quantile=quantile)} if entry.proximal else {}
 
     # --- sessions ---------------------------------------------------------------------------------------------
     def session(self, key: str) -> Session:
@@ -295,14 +296,14 @@ class Studio:
         run.mkdir(parents=True)
         return run
 
-    def _publish(self, session: Session, run: Path, record: Inversion, settings: InvertSettings,
-                 source: Tensor, reconstruction: Tensor, seconds: float, found: list[str]) -> Inverted:
+    def _publish(self, session: Session, run: Path, inverted: api.Inverted, settings: InvertSettings,
+                 seconds: float, found: list[str]) -> Inverted:
         """Write the run's files (the record last), then make it the session's current inversion."""
-        _write_png(source, run / "source.png")
-        _write_png(reconstruction, run / "reconstruction.png")
-        path = record.save(run / "inversion.safetensors")
-        value = psnr(reconstruction, source)
-        session.record, session.record_path, session.run, session.settings = record, path, run, settings
+        _write_png(inverted.source_tensor, run / "source.png")
+        _write_png(inverted.reconstruction_tensor, run / "reconstruction.png")
+        path = inverted.save(run / "inversion.safetensors")
+        value = inverted.psnr
+        session.inverted, session.record_path, session.run, session.settings = inverted, path, run, settings
         session.edits = []
         return Inverted(
             source=Picture(run / "source.png", "source"),
@@ -323,32 +324,26 @@ class Studio:
         settings = InvertSettings(model, settings.method, steps, scale, quantile)
         caption = check_prompt(caption, "the caption")
         self._image_side(Path(image))
-        items = build_items([InputRow("the uploaded image", caption, image=Path(image), id="image")],
-                            resolution=None, square=False, max_aspect=4.0)
+        entry = registry.by_label(settings.method)
         progress(0.0, f"loading {model}")
         with self._lock(model):
-            method = self.method(METHODS[settings.method], model, steps, scale, quantile)
+            loaded = self.model(model)
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
-                method.check_items(items)
-                optimizes = registry.by_label(settings.method).optimizes
-                phases = ["inverting", "optimising", "sampling"] if optimizes else ["inverting", "sampling"]
                 t0 = time.perf_counter()
-                with model_progress(method.backbone, method.backbone.schedule(steps).timesteps, phases, progress):
-                    result = method.run_items(items)[0]
+                inverted = loaded.invert(Path(image), caption, method=entry.name, steps=steps, guidance_scale=scale,
+                                         id="image", progress=progress, **self.options(entry, quantile))
                 seconds = time.perf_counter() - t0
             run = self._new_run(session)
         progress(1.0, "done")
-        return self._publish(session, run, result.inversion, settings, result.source, result.reconstruction,
-                             seconds, _caught(found))
+        return self._publish(session, run, inverted, settings, seconds, _caught(found))
 
     def load_record(self, session: Session, path: str | Path, progress: Progress = _quiet) -> Inverted:
         """Load a saved inversion record (from this page or ``diffinv predict``/``fit``) and reconstruct it."""
         if path is None or not str(path).strip():
             raise DiffinvError("no record: upload a .safetensors inversion record")
         record = Inversion.load(path)
-        cls = RECORD_METHODS.get(record.method)
-        if cls is None:
+        if record.method not in RECORD_METHODS:
             raise DiffinvError(f"the record was made by method {record.method!r}, which the page cannot edit "
                                f"(it edits {', '.join(RECORD_METHODS)})")
         try:
@@ -356,63 +351,40 @@ class Studio:
         except DiffinvError as e:
             raise DiffinvError(f"the record's model: {e}") from None
         self._check_side(record.source_image.shape[-1], record.source_image.shape[-2], "record's source image")
-        entry = registry.by_class(cls)
+        entry = registry.by_name(record.method)
         name = entry.label if entry.in_app else record.method
         settings = InvertSettings(model, name, record.num_steps, record.guidance_scale)
         progress(0.0, f"loading {model}")
         with self._lock(model):
-            method = self.method(cls, model, record.num_steps, record.guidance_scale)
-            check_record(record, method.backbone)  # before any sampling: a record that does not fit is refused
+            loaded = self.model(model)
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    z = method.edit([record], [[]], ids=["image"], observe=self._sampling(record.num_steps, progress))
-                    reconstruction = method.backbone.decode(z[0][0][None].to(self.device))[0].cpu()
+                inverted = loaded.load_inversion(path, progress=progress,
+                                                 **self.options(entry, settings.quantile))
                 seconds = time.perf_counter() - t0
             run = self._new_run(session)
-        source = record.source_image.float() / 255
-        return self._publish(session, run, record, settings, source, reconstruction, seconds, _caught(found))
-
-    @staticmethod
-    def _sampling(n: int, progress: Progress):
-        def observe(rows: list[Row], k: int, z: Tensor, keep: Tensor | None) -> None:
-            progress(min(0.99, (n - k + 1) / n), f"sampling: step {n - k + 1}/{n}")
-
-        return observe
+        return self._publish(session, run, inverted, settings, seconds, _caught(found))
 
     def edit(self, session: Session, settings: EditSettings, progress: Progress = _quiet) -> Edited:
         """Edit the session's current inversion with one target prompt (no new inversion)."""
-        record = session.record
-        if record is None or session.run is None:
+        inverted = session.inverted
+        if inverted is None or session.run is None:
             raise DiffinvError("nothing to edit yet: invert an image (or load a record) first")
         target = check_prompt(settings.target_prompt, "the target prompt")
         editor = build_editor(settings)
-        cls = RECORD_METHODS[record.method]
-        s = session.settings
-        with self._lock(s.model):
-            method = self.method(cls, s.model, record.num_steps, record.guidance_scale, s.quantile, editor)
-            if editor is not None:
-                editor.check_model(method.backbone.unet)
-                editor.check(method.backbone.layout, record.source_prompt, [target])
+        with self._lock(session.settings.model):
+            inverted.model = self.model(session.settings.model)  # the loaded one: never keep an evicted copy alive
             masks: list[Tensor] = []
-            report = self._sampling(record.num_steps, progress)
 
             def observe(rows: list[Row], k: int, z: Tensor, keep: Tensor | None) -> None:
-                report(rows, k, z, keep)
                 if keep is not None:
                     masks.extend(1 - keep[r].float().cpu() for r, row in enumerate(rows) if row.is_edit)
 
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
-                method.check_items([])  # the step count against the model
-                for message in method.backbone.prompt_warnings([target]):
-                    warnings.warn(message, stacklevel=1)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    z = method.edit([record], [[target]], ids=["image"], observe=observe)
-                    image = method.backbone.decode(z[0][1][0][None].to(self.device))[0].cpu()
-                seconds = time.perf_counter() - t0
+                edited = inverted.edit(target, editor, progress=progress, observe=observe)
+            image, seconds = edited.tensor, edited.seconds
         number = len(list(session.run.glob("edit-[0-9][0-9][0-9].png"))) + 1
         name = f"edit-{number:03d}"
         label = settings.editor if settings.editor != "none" else "prompt"

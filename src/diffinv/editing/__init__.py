@@ -1,7 +1,8 @@
-"""Sampling from inverted latents: reconstruction and prompt edits, Prompt-to-Prompt, SDEdit."""
+"""Sampling from inverted latents: reconstruction and prompt edits, Prompt-to-Prompt, SDEdit, FlowEdit."""
 
+from .flowedit import FlowEdit
 from .prompt_to_prompt import Editor, PromptToPrompt
 from .sampler import sample
 from .sdedit import SDEdit
 
-__all__ = ["Editor", "PromptToPrompt", "SDEdit", "sample"]
+__all__ = ["Editor", "FlowEdit", "PromptToPrompt", "SDEdit", "sample"]

@@ -9,6 +9,7 @@ pipeline knows no editor; an editor knows no inversion method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -41,6 +42,12 @@ class SampleRows(Protocol):
         that level) and ``controller`` (Prompt-to-Prompt's, installed on the denoiser: told each step)."""
 
 
+FlowVelocity = Callable[[Tensor, int, list[str], float, bool], Tensor]
+"""velocity(x, k, prompts, scale, embedded) -> v: a flow model's velocity dx/ds (v = eps - x0) of flow latents x
+(one row per prompt) at level k's sigma and timestep, under classifier-free guidance at ``scale`` with the null
+prompt, or (``embedded``) with ``scale`` given to a guidance-distilled denoiser's embedding (FLUX.1-dev)."""
+
+
 @dataclass
 class EditContext:
     """What an editor may read about the batch it edits."""
@@ -66,6 +73,9 @@ class EditContext:
     annotations: list[dict] | None = None
     """Each item's dataset annotations (:attr:`diffinv.data.Item.meta`: PIE-Bench's blended_word, ...), where the
     pipeline has them (None: an edit of records alone)."""
+    velocity: FlowVelocity | None = None
+    """The model's velocity for any latents, prompts and guidance, on flow models (None on the others): what an
+    inversion-free editor (FlowEdit) drives its own ODE with."""
 
     def first_row(self, rows: list[Row]) -> dict[int, int]:
         """Each item's first row (its reconstruction: the source of its edits' attention)."""
@@ -81,12 +91,19 @@ class Editor:
 
     edit_name: ClassVar[str] = "prompt"
     """What metrics.jsonl's ``edit_with`` field says of an edit made by this editor."""
+    needs_flow: ClassVar[bool] = False
+    """The editor drives a rectified flow's ODE (FlowEdit): refused on the other models in one line, before any
+    work."""
 
     def check(self, layout: TextLayout, source: str, targets: list[str]) -> None:
         """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""
 
     def check_model(self, denoiser) -> None:
         """Refuse, before any work and in one line, a denoiser this editor cannot act on (none here)."""
+
+    def check_backbone(self, backbone) -> None:
+        """Refuse, before any work and in one line, a model whose family cannot give what this editor asks of it
+        (FlowEdit's scales for a guidance embedding the model lacks); nothing here."""
 
     def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
         """The latents of every row (aligned with ``rows``); ``starts``: each row's inverted start latent."""

@@ -108,11 +108,12 @@ class PieBenchP2P(Editor):
     def check_model(self, denoiser) -> None:
         PromptToPrompt().check_model(denoiser)
 
-    def check(self, tokenizer, source: str, targets: list[str]) -> None:
+    def check(self, layout, source: str, targets: list[str]) -> None:
         """Each target's editor takes its prompts (the mode does not depend on the annotation: nothing else to
-        check before the item's id is known)."""
+        check before the item's id is known; 'refine' takes any prompts, 'word_count' picks replace only where the
+        counts agree)."""
         for t in targets:
-            self.editor_for(self.setting(None, source, t)).check(tokenizer, source, [t])
+            self.editor_for(self.setting(None, source, t)).check(layout, source, [t])
 
     def sample(self, run: SampleRows, rows: list[Row], starts: Tensor, ctx: EditContext) -> Tensor:
         """The edit rows grouped by setting, each group sampled by its own PromptToPrompt with its items'

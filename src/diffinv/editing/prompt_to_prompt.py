@@ -1,16 +1,20 @@
 """Prompt-to-Prompt attention control (Hertz et al. 2022) through diffusers' public attention-processor API.
 
 :class:`PromptToPrompt` is the editor's configuration; :meth:`PromptToPrompt.controller` builds the per-run
-:class:`AttentionController` for the rows of one sampling batch; :func:`attention_control` installs
-:class:`ControlledAttnProcessor` on every attention layer with ``unet.set_attn_processor`` and restores the
-previous processors afterwards, whatever happens. Layers and steps that need no control run PyTorch's SDPA.
+:class:`AttentionController` for the rows of one sampling batch; :func:`attention_control` installs a controlled
+processor on every attention layer with ``set_attn_processor`` and restores the previous processors afterwards,
+whatever happens: :class:`ControlledAttnProcessor` on a UNet's attention, the processors of
+:mod:`diffinv.editing.joint_attention` on joint attention (SD 3 / 3.5, FLUX.1: their image-query x text-key block
+is the cross-attention map, their image x image block the self-attention map). Layers and steps that need no
+control run PyTorch's SDPA (UNet) or diffusers' own processor (joint attention).
 
 Rows: the sampler's conditional branch holds, per item, a source row (its reconstruction) and target rows (its
 edits). The conditional branch is controlled as in the reference, and by default the unconditional branch of a
 target row takes its source's attention too (``control_unconditional``). For a target row with source row s:
 
 * cross-attention, while the word's ``cross_replace_steps`` last:  A ← (A_s M + A (1 − a)) · eq
-  (M, a: replace or refine mapping, :mod:`diffinv.editing.alignment`; eq: reweighting);
+  (M, a: replace or refine mapping over the layout's token rows, block-diagonal over its text encoders' segments,
+  :func:`diffinv.editing.alignment.layout_mapping`; eq: reweighting);
 * self-attention, inside ``self_replace_steps`` and on maps of at most ``max_self_attention_tokens`` queries:
   A ← A_s;
 * local blend, from ``local_blend_start`` of the steps on: z ← z_s + m (z − z_s), m = the union of the source's
@@ -36,8 +40,9 @@ from torch import Tensor
 
 from ..errors import DiffinvError, check_at_least, check_finite, check_fraction
 from ..models import TextLayout
-from .alignment import refine_mapping, replace_mapping
+from .alignment import layout_mapping
 from .editor import EditContext, Editor, Row, SampleRows
+from .joint_attention import is_joint_attention, joint_processor
 
 
 class PromptToPrompt(Editor):
@@ -60,6 +65,7 @@ class PromptToPrompt(Editor):
         max_self_attention_tokens: int = 1024,
         replace_tail: Literal["same_position", "shifted"] = "same_position",
         control_unconditional: bool | None = None,
+        joint_attention: Literal["maps", "qk_swap"] = "maps",
     ):
         """
         Args:
@@ -89,6 +95,18 @@ class PromptToPrompt(Editor):
                 for the others): on the shapes editing benchmark (scripts/benchmark_editing.py, 72 edits, NPI)
                 it raised edit accuracy from 0.79 to 0.88, attributes kept from 0.61 to 0.75 and kept-region
                 PSNR from 16.7 to 18.4 dB. False reproduces the reference.
+            joint_attention: How a joint-attention model (SD 3 / 3.5, FLUX.1) is controlled. 'maps': the
+                Prompt-to-Prompt paper's edits, exact, on the explicit softmax maps of the image queries: the image
+                x text-token block is edited as the cross-attention map above (replace / refine mapping over CLIP +
+                T5, reweighting), the image x image block replaced as self-attention; it computes those maps
+                (n_image x (n_image + L) per head and row: no fused attention kernel while an edit is on).
+                'qk_swap' (Shin et al., ICCV 2025): during a row's cross window the target's image queries and
+                keys are its source's and attention runs fused (the target reads its own words, so no word
+                mapping; reweighting is a log(eq) bias before the softmax; local blend still computes maps).
+                'maps' is the default because it is the paper's semantics and is exact on every edit mode; which
+                edits better is to be measured on a trained flow model (random tiny weights measure nothing):
+                scripts/benchmark_editing.py on SD 3 / FLUX decides, and the default follows the figure.
+                Ignored on a UNet (its cross-attention maps are edited).
         """
         if isinstance(self_replace_steps, (int, float)):
             self_replace_steps = (0.0, float(self_replace_steps))
@@ -108,6 +126,8 @@ class PromptToPrompt(Editor):
                        "reference 0.3")
         check_fraction("editor.local_blend_start", local_blend_start, "a fraction of the steps; reference 0.2")
         check_at_least("editor.max_self_attention_tokens", max_self_attention_tokens, 0, hint="reference: 1024")
+        if joint_attention not in ("maps", "qk_swap"):
+            raise DiffinvError(f"editor.joint_attention must be 'maps' or 'qk_swap', got {joint_attention!r}")
         self.mode = mode
         self.cross_replace_steps = cross_replace_steps
         self.self_replace_steps = tuple(self_replace_steps)
@@ -118,6 +138,7 @@ class PromptToPrompt(Editor):
         self.max_self_attention_tokens = max_self_attention_tokens
         self.replace_tail = replace_tail
         self.control_unconditional = control_unconditional
+        self.joint_attention = joint_attention
 
     def _cross_alpha(self, layout: TextLayout, target: str, num_steps: int) -> Tensor:
         """(N, L) 1 while the target token's cross-attention is replaced at step index s (0 = first step): the
@@ -139,7 +160,6 @@ class PromptToPrompt(Editor):
         :class:`~diffinv.models.TextLayout`). Row r of the conditional branch has prompt ``targets[r]`` (None
         for a source row) and source row ``source_index[r]`` with prompt ``sources[r]``; ``negative_is_source``:
         the unconditional branch is the source prompt (decides ``control_unconditional`` when it is none)."""
-        tokenizer = _cross_attention_tokenizer(layout)
         B, L = len(targets), layout.tokens
         M = torch.eye(L).repeat(B, 1, 1)
         a = torch.ones(B, L)
@@ -154,10 +174,7 @@ class PromptToPrompt(Editor):
                 substruct[r, layout.word_positions(prompt, self.substruct_words)] = 1.0
             if tgt is None:
                 continue
-            if self.mode == "replace":
-                M[r], a[r] = replace_mapping(tokenizer, src, tgt, tail=self.replace_tail)
-            else:
-                M[r], a[r] = refine_mapping(tokenizer, src, tgt)
+            M[r], a[r] = layout_mapping(layout, src, tgt, self.mode, tail=self.replace_tail)
             if self.reweight_words:
                 eq[r, layout.word_positions(tgt, self.reweight_words)] = self.reweight_scale
             alpha[:, r] = self._cross_alpha(layout, tgt, num_steps)
@@ -171,10 +188,11 @@ class PromptToPrompt(Editor):
             blend_threshold=self.local_blend_threshold, blend_from=math.floor(self.local_blend_start * num_steps),
             substruct_tokens=substruct if self.substruct_words else None, substruct_threshold=self.substruct_threshold,
             latent_hw=latent_hw,
-            control_unconditional=negative_is_source if self.control_unconditional is None else self.control_unconditional)
+            control_unconditional=negative_is_source if self.control_unconditional is None else self.control_unconditional,
+            joint_attention=self.joint_attention)
 
     def check_model(self, denoiser) -> None:
-        require_cross_attention(denoiser)
+        require_attention_maps(denoiser)
 
     def check(self, layout: TextLayout, source: str, targets: list[str]) -> None:
         """Word swap needs as many words in each target as in the source (one line naming both counts)."""
@@ -213,6 +231,7 @@ class AttentionController:
     substruct_tokens: Tensor | None = None
     substruct_threshold: float = 0.3
     control_unconditional: bool = False
+    joint_attention: Literal["maps", "qk_swap"] = "maps"
     step: int = 0
 
     def __post_init__(self):
@@ -242,6 +261,45 @@ class AttentionController:
     @property
     def rows(self) -> int:
         return len(self.is_target)
+
+    @property
+    def text_tokens(self) -> int:
+        """L: the token rows the mappings are over (a joint sequence's text tokens)."""
+        return self.mapping.shape[-1]
+
+    def _swapped(self) -> tuple[Tensor, Tensor | None]:
+        """(B,) conditional target rows inside a cross window at this step, and the same of the unconditional rows
+        (None where they are not controlled)."""
+        on = self.is_target & self.cross_alpha[self.step].bool().any(-1)
+        if not (self.control_unconditional and self.uncond_rows is not None and len(self.uncond_rows)):
+            return on, None
+        return on, on[self.uncond_rows]
+
+    def qk_sources(self) -> Tensor | None:
+        """'qk_swap': for each row of the batch [conditional rows, unconditional rows], the row whose image queries
+        and keys it reads at this step (itself where none is swapped); None where no row is swapped."""
+        cond, uncond = self._swapped()
+        if not bool(cond.any()) and (uncond is None or not bool(uncond.any())):
+            return None
+        n = 0 if self.uncond_rows is None else len(self.uncond_rows)
+        rows = torch.arange(self.rows + n, device=cond.device)
+        rows[: self.rows] = torch.where(cond, self.source_index, rows[: self.rows])
+        if uncond is not None:
+            rows[self.rows:] = torch.where(uncond, self.uncond_source, rows[self.rows:])
+        return rows
+
+    def qk_text_bias(self, total: int) -> Tensor | None:
+        """'qk_swap' reweighting: (total, L) log(eq) of the conditional target rows' tokens inside their cross
+        window (0 elsewhere), the bias of their image-query x text-key logits; None where it is 0 everywhere."""
+        alpha = self.cross_alpha[self.step] * self.is_target[:, None]
+        bias = torch.log(self.equalizer.clamp_min(1e-12)) * alpha
+        if not bool(bias.any()):
+            return None
+        return torch.cat([bias, bias.new_zeros(total - self.rows, bias.shape[1])])
+
+    def observe(self, probs: Tensor, heads: int) -> None:
+        """Store the local-blend maps of (rows_total * heads, Lq, L) cross-attention probabilities, unedited."""
+        self._store_blend_maps(probs.view(-1, heads, *probs.shape[1:])[: self.rows])
 
     def wants_probs(self, is_cross: bool, queries: int) -> bool:
         if is_cross:
@@ -357,32 +415,35 @@ class ControlledAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def require_attention_maps(denoiser) -> None:
+    """A denoiser Prompt-to-Prompt can control: joint attention (SD 3 / 3.5, FLUX.1) or a UNet's cross-attention
+    (refused in one line otherwise, :func:`require_cross_attention`)."""
+    if not is_joint_attention(denoiser):
+        require_cross_attention(denoiser)
+
+
 def require_cross_attention(denoiser) -> None:
     """A denoiser without separate cross-attention layers (SD 3's joint attention, where text and image tokens
     attend together in one map) is refused in one line: the reference's controller edits cross-attention maps."""
     if not any(name.endswith("attn2.processor") for name in denoiser.attn_processors):
-        raise DiffinvError("Prompt-to-Prompt edits cross-attention maps, and this model has none (SD 3's joint "
-                           "attention mixes text and image tokens in one map): use no editor or SDEdit on it")
+        raise DiffinvError("Prompt-to-Prompt edits cross-attention maps (or a joint attention's image x text "
+                           "block), and this model has neither: use no editor or SDEdit on it")
 
 
 @contextmanager
 def attention_control(unet, controller: AttentionController):
-    """Install the controller on every attention layer of ``unet``; restore the previous processors on exit."""
+    """Install the controller on every attention layer of ``unet`` (a UNet or a joint-attention transformer, by its
+    processors' types); restore the previous processors on exit."""
     previous = dict(unet.attn_processors)
-    require_cross_attention(unet)
-    unet.set_attn_processor(ControlledAttnProcessor(controller))
+    if is_joint_attention(unet):
+        unet.set_attn_processor({name: joint_processor(p, controller) for name, p in previous.items()})
+    else:
+        require_cross_attention(unet)
+        unet.set_attn_processor(ControlledAttnProcessor(controller))
     try:
         yield controller
     finally:
         unet.set_attn_processor(previous)
-
-
-def _cross_attention_tokenizer(layout: TextLayout):
-    """The tokenizer of the one token segment a UNet's cross-attention reads (its keys are that segment's rows)."""
-    if len(layout.segments) != 1:
-        raise DiffinvError("Prompt-to-Prompt's word mappings read one text encoder's tokens, and this model's "
-                           f"conditioning has {len(layout.segments)} ({', '.join(s.name for s in layout.segments)})")
-    return layout.segments[0].tokenizer
 
 
 def check_word_counts(source: str, targets: list[str]) -> None:

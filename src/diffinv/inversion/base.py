@@ -20,13 +20,14 @@ from torch import Tensor
 
 from ..backbone import Backbone, BackboneConfig
 from ..data import Item, fit_to_model, image_tensor
-from ..ddim import Schedule, invert
-from ..editing.editor import EditContext, Editor, Row
+from ..ddim import Schedule, flow_z, invert
+from ..editing.editor import EditContext, Editor, FlowVelocity, Row
 from ..editing.sampler import sample
 from ..errors import DiffinvError, check_at_least, check_finite
-from ..guidance import ClassifierFree, GuidanceRule, row_scale
-from ..steps import Controlled, CoupledStep, DeterministicStep, Finite, Observe, Snap, Step, StochasticStep
-from .record import Inversion, Sampling, check_record
+from ..guidance import ClassifierFree, GuidanceRule, cfg, row_scale
+from ..steps import (Controlled, ControlledStep, CoupledStep, DeterministicStep, FireFlowStep, Finite, Observe,
+                     RFSolverStep, Snap, Step, StochasticStep)
+from .record import FLOW_STEPS, Inversion, Sampling, check_record
 from .result import ItemResult, optimization_summary
 
 
@@ -135,11 +136,15 @@ class InversionMethod(L.LightningModule):
         """Invert a batch of same-size images; one Inversion per item."""
         z0 = self.backbone.encode_image(images)
         schedule = self.backbone.schedule(self.num_inference_steps, latent_size=tuple(z0.shape[-2:]))
+        self.check_flow(schedule)  # also where a caller skipped check_items (a run_batch of its own)
         source_emb = self.backbone.encode_prompts([i.source_prompt for i in items])
         out = self.invert_latents(z0, source_emb, schedule, ids=[i.id for i in items])
         sampling = out.get("sampling") or self.sampling()
         if "unconditional" in out:
             sampling = dataclasses.replace(sampling, unconditional="learned")
+        guidance = self.backbone.family.embedded_guidance(self.backbone)
+        if guidance is not None:  # pinned: a record re-edits under the guidance it was made with, or is refused
+            sampling = dataclasses.replace(sampling, embedded_guidance=guidance)
         records = []
         for b, item in enumerate(items):
             records.append(Inversion(
@@ -182,6 +187,9 @@ class InversionMethod(L.LightningModule):
                 for row in [Row(g, inv.source_prompt, None), *(Row(g, t, t) for t in targets)]]
         dev = self.device
         plans = self.check_plans(inversions)
+        if plans[0].step in FLOW_STEPS and not schedule.is_flow:
+            raise DiffinvError(f"the inversion record was made by a flow solver ({plans[0].step}), which steps a "
+                               "rectified flow: sample it on a flow model (SD 3 / 3.5, FLUX.1)")
         level = inversions[0].start_level
         null = self.backbone.encode_prompts([""])[0].to(dev)
 
@@ -212,6 +220,13 @@ class InversionMethod(L.LightningModule):
             if plan.step == "coupled":
                 y = None if from_editor else torch.stack([inversions[row.item].extra["edict_y_T"] for row in sel])
                 return CoupledStep(mix=plan.mix, y_start=None if y is None else y.to(dev), leapfrog=plan.leapfrog)
+            if plan.step == "rf_solver":
+                return RFSolverStep()
+            if plan.step == "fireflow":
+                return FireFlowStep()
+            if plan.step == "rf_inversion":
+                y0 = torch.stack([inversions[row.item].z0 for row in sel]).to(dev)
+                return ControlledStep(y0=y0, eta=plan.eta, eta_start=plan.eta_start, eta_stop=plan.eta_stop)
             return DeterministicStep()
 
         def run(picked: list[int], z_start: Tensor, controller=None, start_level: int | None = None) -> Tensor:
@@ -231,12 +246,18 @@ class InversionMethod(L.LightningModule):
                 hooks.append(Controlled(controller, top))
             if observe is not None:
                 hooks.append(Observe(lambda k, z, keep: observe(sel, k, z, keep)))
+            guidance = self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions)
+            if plans[0].step in FLOW_STEPS and guidance.corrects:
+                raise DiffinvError(f"{self.method_name}'s reconstruction or inversion guidance corrects a DDIM step's "
+                                   f"x0 and latent, which the flow solver's step ({plans[0].step}) has not: turn them "
+                                   "off (--model.proximal.reconstruction_guidance false, --model.proximal."
+                                   "inversion_guidance false) to edit this record")
             return sample(
                 self.backbone, schedule,
                 z_T=z_start,
                 cond=self.backbone.encode_prompts([row.prompt for row in sel]),
                 uncond=torch.stack(uncond, dim=1 if uncond[0].dim() == 3 else 0),
-                guidance=self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions),
+                guidance=guidance,
                 step=step_rule(sel, z_start, start_level is not None),
                 hooks=hooks,
                 uncond_is_cond=recon_cond,
@@ -251,7 +272,8 @@ class InversionMethod(L.LightningModule):
             trajectories=[inv.trajectory for inv in inversions],
             negative_is_source=self.unconditional_branch == "source" and all(
                 plan.unconditional == "source" for plan in plans),
-            unet=self.backbone.unet, device=dev, start_level=level, annotations=annotations)
+            unet=self.backbone.unet, device=dev, start_level=level, annotations=annotations,
+            velocity=self.flow_velocity(schedule, null) if schedule.is_flow else None)
         latents = (self.editor or Editor()).sample(run, rows, starts, ctx)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
@@ -260,15 +282,36 @@ class InversionMethod(L.LightningModule):
             start += count
         return out
 
+    def flow_velocity(self, schedule: Schedule, null: Tensor) -> FlowVelocity:
+        """The model's velocity on a flow schedule for any latents and prompts (:data:`~diffinv.editing.editor.
+        FlowVelocity`): classifier-free guidance with ``null`` as the unconditional branch (one denoiser call for
+        both), or the scale given to a guidance-distilled denoiser's embedding."""
+        bb = self.backbone
+
+        def velocity(x: Tensor, k: int, prompts: list[str], scale: float, embedded: bool) -> Tensor:
+            s, t = schedule.sigmas[k], schedule.timesteps[k - 1]
+            z, cond = flow_z(x, s), bb.encode_prompts(prompts).to(x.device)
+            if embedded or scale == 1:
+                with bb.embedded_guidance_of(scale if embedded else None):
+                    eps, x0 = bb.predict(z, t, cond)
+                return eps - x0
+            eps, x0 = bb.predict(torch.cat([z, z]), t, torch.cat([cond, null.to(x.device).expand_as(cond)]))
+            B = len(prompts)
+            return cfg(eps[B:], eps[:B], scale) - cfg(x0[B:], x0[:B], scale)  # CFG is linear: v's guidance
+
+        return velocity
+
     def check_plans(self, inversions: list[Inversion]) -> list[Sampling]:
         """The records' sampling, refused in one line where one batch cannot sample them together (other step
         rules or start levels) or where this method cannot reproduce a record's reconstruction."""
         plans = [inv.plan for inv in inversions]
-        kinds = {(p.step, p.eta if p.step == "stochastic" else None, p.variance if p.step == "stochastic" else None,
-                  p.mix if p.step == "coupled" else None, p.leapfrog) for p in plans}
+        kinds = {(p.step, p.eta if p.step in ("stochastic", "rf_inversion") else None,
+                  p.variance if p.step == "stochastic" else None, p.mix if p.step == "coupled" else None, p.leapfrog,
+                  (p.eta_start, p.eta_stop) if p.step == "rf_inversion" else None) for p in plans}
         if len(kinds) > 1:
-            raise DiffinvError("records of stochastic (CycleDiffusion, DDPM), coupled (EDICT) and deterministic "
-                               "inversions, or of different eta or mixing, cannot be sampled in one batch")
+            raise DiffinvError("records of different step rules (stochastic: CycleDiffusion, DDPM; coupled: EDICT; "
+                               "the flow solvers; deterministic), or of different eta or mixing, cannot be sampled "
+                               "in one batch")
         if len({inv.start_level for inv in inversions}) > 1:
             raise DiffinvError("records that start sampling at different levels (DDPM inversion's skip, a strength) "
                                "cannot be sampled in one batch")
@@ -295,11 +338,26 @@ class InversionMethod(L.LightningModule):
                                f"{self.method_name}'s config does not reproduce ({detail}): edit it with its own "
                                "method and settings")
 
+    needs_flow: ClassVar[bool] = False
+    """The method solves a rectified flow's ODE (RF-Solver, FireFlow, RF-Inversion): it runs on flow models only
+    (SD 3 / 3.5, FLUX.1), and is refused on the others in one line before any work."""
+
+    def check_flow(self, schedule: Schedule) -> None:
+        """Refuse in one line a method or an editor that needs a flow (:attr:`needs_flow`) on a model that is none."""
+        if schedule.is_flow:
+            return
+        for what, needs in ((self.method_name, self.needs_flow),
+                            (type(self.editor).__name__, (self.editor or Editor()).needs_flow)):
+            if needs:
+                raise DiffinvError(f"{what} solves a rectified flow's ODE: it runs on flow models (SD 3 / 3.5, "
+                                   f"FLUX.1), and this model is {self.backbone.family.name}")
+
     def check_items(self, items: list[Item]) -> None:
-        """Before any work: the step count fits the model's scheduler, the editor can take every item's prompts
-        (e.g. replace with other word counts); warn where the model is a poor match for the inputs."""
-        self.backbone.schedule(self.num_inference_steps)
+        """Before any work: the method runs on this model (:attr:`needs_flow`), the step count fits the model's
+        scheduler, the editor can take every item's prompts (e.g. replace with other word counts); warn where the
+        model is a poor match for the inputs."""
         bb = self.backbone
+        self.check_flow(bb.schedule(self.num_inference_steps))
         for message in bb.prompt_warnings([p for i in items for p in (i.source_prompt, *i.target_prompts)]):
             warnings.warn(message, stacklevel=2)
         native = bb.native_resolution
@@ -311,6 +369,7 @@ class InversionMethod(L.LightningModule):
                           "much and the model was not trained at that size (results are usually poor)", stacklevel=2)
         if self.editor is not None:
             self.editor.check_model(bb.unet)
+            self.editor.check_backbone(bb)
             for item in items:
                 self.editor.check(bb.layout, item.source_prompt, item.target_prompts)
         for item in items:
@@ -347,24 +406,28 @@ class InversionMethod(L.LightningModule):
         their images already passed through :meth:`fitted_image`."""
         _sync(self.device)
         t0 = time.perf_counter()
+        calls = [0, 0]  # the denoiser's calls (each on every row of the batch at once) inverting, then sampling
         if items[0].inversion is not None:
             inversions = [self.load_inversion(i) for i in items]
             images = torch.stack([inv.source_image.float() / 255 for inv in inversions]).to(self.device)
         else:
             fitted = fitted if fitted is not None else [self.fitted_image(i) for i in items]
             images = torch.stack([image_tensor(a) for a in fitted]).to(self.device)
-            inversions = self.invert_items(items, images)
+            with self.backbone.watch(lambda t: calls.__setitem__(0, calls[0] + 1)):
+                inversions = self.invert_items(items, images)
         _sync(self.device)
         t1 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self.backbone.watch(lambda t: calls.__setitem__(1, calls[1] + 1)):
             edited = self.edit(inversions, [i.target_prompts for i in items], [i.id for i in items],
                                annotations=[i.meta for i in items])
+        with torch.no_grad():
             flat = [z for rec, edits in edited for z in (rec, *edits)]
             decoded = self.backbone.decode(torch.stack(flat)).cpu()
         _sync(self.device)
         t2 = time.perf_counter()
         for inv, item in zip(inversions, items):
             inv.meta["target_prompts"] = json.dumps(item.target_prompts)
+            inv.meta.setdefault("item_id", item.id)  # what its edits' seeded noise is keyed by (SDEdit, FlowEdit)
         results, start = [], 0
         for b, (item, inv) in enumerate(zip(items, inversions)):
             count = 1 + len(item.target_prompts)
@@ -377,7 +440,8 @@ class InversionMethod(L.LightningModule):
                 inversion=inv,
                 seconds_inversion=(t1 - t0) / len(items),
                 seconds_sampling=(t2 - t1) / len(items),
-                extra=optimization_summary(inv),
+                extra={**optimization_summary(inv), "evaluations_inversion": calls[0],
+                       "evaluations_sampling": calls[1]},
                 meta=item.meta,
             ))
             start += count

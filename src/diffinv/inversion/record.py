@@ -25,8 +25,10 @@ stay readable."""
 _READABLE = ("diffinv.inversion/1", FORMAT)
 _TENSORS = ("z0", "trajectory", "timesteps", "source_image")
 
-StepKind = Literal["ddim", "stochastic", "coupled"]
+StepKind = Literal["ddim", "stochastic", "coupled", "rf_solver", "fireflow", "rf_inversion"]
 Unconditional = Literal["null", "source", "learned"]
+FLOW_STEPS = ("rf_solver", "fireflow", "rf_inversion")
+"""The step kinds that step a rectified flow (sampled on flow models only)."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,15 @@ class Sampling:
 
     step: StepKind = "ddim"
     """The step rule: deterministic DDIM; 'stochastic' DDIM with the stored noise ``extra.step_noise`` (CycleDiffusion,
-    DDPM inversion); 'coupled' EDICT sequences from ``extra.edict_y_T``."""
+    DDPM inversion); 'coupled' EDICT sequences from ``extra.edict_y_T``; on flow models, the flow solvers' steps:
+    'rf_solver' (RF-Solver's second-order step), 'fireflow' (FireFlow's reused midpoint), 'rf_inversion'
+    (RF-Inversion's controlled reverse ODE toward each row's image latent)."""
     eta: float = 0.0
-    """'stochastic': eta of DDIM eq. 16."""
+    """'stochastic': eta of DDIM eq. 16; 'rf_inversion': the controller's strength eta."""
+    eta_start: float = 0.0
+    """'rf_inversion': the fraction of the sampled steps after which the controller is on (step int(f M) of M)."""
+    eta_stop: float = 0.0
+    """'rf_inversion': the fraction of the sampled steps at which it stops."""
     variance: Variance = "ddim"
     """'stochastic': how the step's direction coefficient subtracts the variance (:data:`diffinv.ddim.Variance`):
     'ddim' (DDIM eq. 12/16) or 'authors' (edit-friendly DDPM inversion's code); the stored noise absorbs either, so
@@ -61,6 +69,9 @@ class Sampling:
     rule: dict | None = None
     """The reconstruction row's guidance corrections beyond classifier-free guidance (ProxNPI's proximal settings),
     None: none."""
+    embedded_guidance: float | None = None
+    """The guidance value a guidance-distilled denoiser was given (FLUX.1-dev's guidance embedding); None: none, or a
+    record made before it was pinned."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -90,6 +101,9 @@ class Sampling:
         if not 0 <= self.eta <= 1 or not 0 < self.mix < 1 or self.guidance_scale < 0:
             return (f"has sampling eta {self.eta}, mix {self.mix}, guidance_scale {self.guidance_scale}: expected "
                     "eta in [0, 1], mix in (0, 1), guidance_scale >= 0")
+        ends = (self.eta_start, self.eta_stop)
+        if any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in ends) or not 0 <= ends[0] <= ends[1] <= 1:
+            return f"has sampling eta_start, eta_stop {ends}, expected fractions 0 <= start <= stop <= 1"
         level = self.start_level
         if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= num_steps):
             return f"has sampling start_level {level!r}, expected a level in 1..{num_steps}"
@@ -97,6 +111,9 @@ class Sampling:
             return "has sampling snap_source or leapfrog that is not true or false"
         if self.rule is not None and not isinstance(self.rule, dict):
             return f"has sampling rule {self.rule!r}, expected an object or null"
+        g = self.embedded_guidance
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)):
+            return f"has sampling embedded_guidance {g!r}, expected a finite number or null"
         return None
 
 
@@ -332,9 +349,14 @@ def check_record(record: Inversion, backbone: "Backbone") -> None:
             raise DiffinvError(f"{name} holds unconditional embeddings of shape {'x'.join(map(str, got))} per step; "
                                f"this model's ({backbone.name}) conditioning is {'x'.join(map(str, want))}: edit it "
                                "with the model it was made with (--model.backbone.pretrained)")
+    made, now = record.plan.embedded_guidance, backbone.family.embedded_guidance(backbone)
+    if made is not None and made != now:
+        raise DiffinvError(f"{name} was made with the denoiser's embedded guidance {made:g}, and this model gives it "
+                           f"{'none' if now is None else f'{now:g}'}: load the model with embedded_guidance {made:g} "
+                           f"(--model.backbone.embedded_guidance {made:g}; diffinv.load(..., embedded_guidance={made:g}))")
     n = record.num_steps
-    if not 1 <= n <= backbone.max_steps or not torch.equal(backbone.schedule(n).timesteps.cpu(),
-                                                            record.timesteps.cpu()):
+    if not 1 <= n <= backbone.max_steps or not torch.equal(backbone.schedule(n, latent_size=(h, w)).timesteps.cpu(),
+                                                            record.timesteps.cpu()):  # (h, w): FLUX.1-dev's mu
         raise DiffinvError(f"{name}'s {n} timesteps do not match this model's {n}-step schedule: edit it with the "
                            "model and scheduler it was made with (--model.backbone.pretrained)")
 

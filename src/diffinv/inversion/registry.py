@@ -25,9 +25,12 @@ from .ddim import DDIMInversion
 from .ddpm_inversion import DDPMInversion
 from .direct_inversion import DirectInversion
 from .edict import EDICT
+from .fireflow import FireFlowInversion
 from .latent_top import LatentTrajectoryOptimization
 from .negative_prompt import NegativePromptInversion, ProximalNegativePromptInversion
 from .null_text import NullTextInversion
+from .rf_inversion import RFInversion
+from .rf_solver import RFSolverInversion
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ METHODS: tuple[Method, ...] = (
     Method(DDPMInversion, "predict", "DDPM inversion"),
     Method(DirectInversion, "predict", "DirectInversion"),
     Method(EDICT, "predict", "EDICT"),
+    Method(RFSolverInversion, "predict", "RF-Solver"),
+    Method(FireFlowInversion, "predict", "FireFlow"),
+    Method(RFInversion, "predict", "RF-Inversion"),
 )
 """Every inversion method, in the order menus and messages list them (the page's methods first)."""
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import DiffinvError
+
 
 class Conditioning(NamedTuple):
     """A batch of prompts' conditioning, typed."""
@@ -89,12 +91,12 @@ class TextLayout:
         """(B, R, D): the token states (B, L, D), then the pooled embedding (B, P) laid row after row, zero-padded
         to a whole row."""
         if tuple(tokens.shape[1:]) != (self.tokens, self.width):
-            raise ValueError(f"token states of shape {tuple(tokens.shape)} do not fit the layout (L {self.tokens}, "
+            raise DiffinvError(f"token states of shape {tuple(tokens.shape)} do not fit the layout (L {self.tokens}, "
                              f"D {self.width})")
         if not self.pooled:
             return tokens
         if pooled is None or pooled.shape[-1] != self.pooled:
-            raise ValueError(f"the layout holds a pooled embedding of width {self.pooled}, got "
+            raise DiffinvError(f"the layout holds a pooled embedding of width {self.pooled}, got "
                              f"{None if pooled is None else tuple(pooled.shape)}")
         rows = torch.nn.functional.pad(pooled, (0, self.pooled_rows * self.width - self.pooled))
         return torch.cat([tokens, rows.view(-1, self.pooled_rows, self.width).to(tokens.dtype)], dim=1)
@@ -102,7 +104,7 @@ class TextLayout:
     def unpack(self, cond: Tensor) -> Conditioning:
         """The :class:`Conditioning` in a (B, R, D) tensor made by :meth:`pack` (views, no copy of the tokens)."""
         if tuple(cond.shape[1:]) != (self.rows, self.width):
-            raise ValueError(f"conditioning of shape {tuple(cond.shape)} does not fit the layout ({self.rows} rows "
+            raise DiffinvError(f"conditioning of shape {tuple(cond.shape)} does not fit the layout ({self.rows} rows "
                              f"of {self.width})")
         tokens = cond[:, : self.tokens]
         if not self.pooled:

@@ -8,9 +8,10 @@ from torch import Tensor
 from ..ddim import Schedule, make_schedule, predict_x0
 from ..errors import DiffinvError
 from .conditioning import Conditioning
+from .family import NoEmbeddedGuidance
 
 
-class Diffusion:
+class Diffusion(NoEmbeddedGuidance):
     """The ε/v-prediction families (SD 1.x/2.x, SDXL): the training schedule's alphas, DDIM on them."""
 
     def predict(self, backbone, z: Tensor, t: Tensor, cond: Conditioning,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ddim import Schedule
+from ..errors import DiffinvError
 from .conditioning import Conditioning, Segment, TextLayout
 
 
@@ -59,6 +60,14 @@ class Family(Protocol):
     def schedule(self, backbone, num_steps: int, latent_size: tuple[int, int] | None = None) -> Schedule:
         """Timesteps and DDIM levels of an N-step run on latents of ``latent_size`` (h, w) (None: the model's
         native size; only resolution-dependent schedules read it)."""
+
+    def embedded_guidance(self, backbone) -> float | None:
+        """The guidance scale a guidance-distilled denoiser is given (FLUX.1-dev's guidance embedding); None: it
+        takes none."""
+
+    def with_embedded_guidance(self, backbone, value: float) -> "Family":
+        """This family giving ``value`` to the denoiser's guidance embedding; a one-line DiffinvError where the
+        model has none."""
 
     def max_steps(self, backbone) -> int:
         """The most steps the model's scheduler allows."""
@@ -109,6 +118,17 @@ def _t5_states(tokenizer, encoder, prompts: list[str], length: int, device) -> T
     ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                     return_tensors="pt").input_ids.to(device)
     return encoder(ids, output_hidden_states=False)[0].float()
+
+
+class NoEmbeddedGuidance:
+    """The families whose denoisers take no guidance value (all but FLUX.1-dev's)."""
+
+    def embedded_guidance(self, backbone) -> float | None:
+        return None
+
+    def with_embedded_guidance(self, backbone, value: float):
+        raise DiffinvError(f"embedded_guidance {value}: this {self.name} model is not guidance-distilled (its denoiser "
+                           "takes no guidance value); use --model.guidance_scale")
 
 
 def first_line(error: Exception) -> str:

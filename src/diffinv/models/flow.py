@@ -13,6 +13,7 @@ from torch import Tensor
 from ..ddim import FlowSchedule, Schedule, flow_norm
 from ..errors import DiffinvError
 from .conditioning import Conditioning
+from .family import NoEmbeddedGuidance
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
@@ -31,7 +32,7 @@ def _flow_sigma(alpha: Tensor) -> Tensor:
 
 
 @dataclass
-class Flow:
+class Flow(NoEmbeddedGuidance):
     """The rectified-flow families (SD 3 / 3.5, FLUX.1): a transformer trained on x_s = (1 - s) x0 + s eps,
     predicting v = eps - x0, solved as DDIM in rescaled coordinates.
 

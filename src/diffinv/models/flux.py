@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import DiffinvError
 from .conditioning import Conditioning, Segment, TextLayout
 from .family import _load_t5, _t5_states, _tokens, pipeline_class
 from .flow import Flow, _load_flow_core
@@ -102,6 +105,17 @@ class Flux(Flow):
                     txt_ids=torch.zeros(cond.tokens.shape[1], 3, device=z.device, dtype=dtype),
                     img_ids=_image_ids(h // 2, w // 2, z.device, dtype)).sample
         return _unpack(out, h, w)
+
+    def embedded_guidance(self, backbone) -> float | None:
+        """``guidance`` where the transformer has a guidance embedding (dev), else None (schnell)."""
+        return float(self.guidance) if backbone.unet.config.guidance_embeds else None
+
+    def with_embedded_guidance(self, backbone, value: float) -> "Flux":
+        if not backbone.unet.config.guidance_embeds:
+            raise DiffinvError(f"embedded_guidance {value}: this FLUX.1 model (schnell) has no guidance embedding")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise DiffinvError(f"embedded_guidance must be a finite number >= 0, got {value!r} (FluxPipeline: 3.5)")
+        return dataclasses.replace(self, guidance=float(value))
 
     def pipeline_sigmas(self, backbone, num_steps: int) -> np.ndarray | None:
         """FluxPipeline's np.linspace(1.0, 1 / N, N) (None where the scheduler config has use_flow_sigmas)."""

@@ -176,3 +176,58 @@ def sample_scenes(n: int, seed: int, split: str = "any") -> list[Scene]:
         "held_out": held,
     }[split]
     return [sample_scene(rng, pool[int(rng.integers(len(pool)))]) for _ in range(n)]
+
+
+# --- the flow model's world: larger scenes on a striped background ---------------------------------------------
+FLOW_SIZE = 48
+"""Side of the flow model's scenes (``shapes-flow``): the same geometry as :data:`SIZE` scaled by 48 / 32."""
+STRIPE_PERIOD = (5.0, 10.0)
+"""Period range (pixels of a 48x48 scene) of the background stripes."""
+STRIPE_AMPLITUDE = (14.0, 28.0)
+"""Amplitude range (0-255 levels, grey: added to all three channels) of the background stripes."""
+
+
+@dataclass(frozen=True)
+class StripedScene(Scene):
+    """A scene of the flow model's world: :class:`Scene`'s shape and captions (the same words, sizes, colours and
+    held-out combinations; geometry in the 32-pixel frame, rendered at :data:`FLOW_SIZE`), on a background striped
+    by a grey sinusoid ``amplitude * sin(2 pi (x cos(angle) + y sin(angle)) / period + phase)`` (pixels of the
+    rendered image). The stripes are not in the caption: like position and radius, an inversion must recover them,
+    which is what makes reconstruction hard on this world. ``edited`` keeps them (the ground truth of an edit)."""
+
+    period: float = 6.0
+    angle: float = 0.0
+    phase: float = 0.0
+    amplitude: float = 20.0
+
+
+def stripes(scene: StripedScene, size: int = FLOW_SIZE) -> np.ndarray:
+    """The background's grey offset, a ``(size, size)`` float array (0-255 levels)."""
+    c = np.arange(size, dtype=np.float64) + 0.5
+    u = c[None, :] * math.cos(scene.angle) + c[:, None] * math.sin(scene.angle)
+    return scene.amplitude * np.sin(2 * math.pi * u / scene.period + scene.phase)
+
+
+def render_striped(scene: StripedScene, size: int = FLOW_SIZE) -> np.ndarray:
+    """A :class:`StripedScene` as a ``(size, size, 3)`` uint8 RGB image: the shape (plain, anti-aliased, its geometry
+    scaled by size / 32) over the striped background."""
+    k = size / SIZE
+    alpha = coverage(scene.shape, scene.cx * k, scene.cy * k, scene.r * k, size=size)[..., None]
+    fg = np.asarray(COLOURS[scene.colour], dtype=np.float64)
+    bg = np.asarray(COLOURS[scene.background], dtype=np.float64) + stripes(scene, size)[..., None]
+    return np.clip(np.round(bg + alpha * (fg - bg)), 0, 255).astype(np.uint8)
+
+
+def sample_striped_scenes(n: int, seed: int, split: str = "any") -> list[StripedScene]:
+    """``n`` seeded striped scenes (the flow model's world): :func:`sample_scenes`'s scenes (same seed, same
+    captions and geometry), each given stripes from a second generator seeded alike."""
+    rng = np.random.default_rng([seed, 48])
+    out = []
+    for s in sample_scenes(n, seed, split):
+        period = float(rng.uniform(*STRIPE_PERIOD))
+        angle = float(rng.uniform(0, math.pi))
+        phase = float(rng.uniform(0, 2 * math.pi))
+        amplitude = float(rng.uniform(*STRIPE_AMPLITUDE))
+        out.append(StripedScene(**{f: getattr(s, f) for f in ("size", "colour", "shape", "background", "cx", "cy", "r")},
+                                period=period, angle=angle, phase=phase, amplitude=amplitude))
+    return out

@@ -75,17 +75,17 @@ def rf_sample(velocity: VelocityFn, x: Tensor, sigmas, y0: Tensor, eta: float, s
 @dataclass
 class ControlledStep:
     """RF-Inversion's controlled reverse step for the sampling loop, level k -> k - 1 (one guided evaluation): the
-    Euler step of :func:`reverse_field` toward ``y0`` (each row's image latent), eta on the steps [``eta_start``,
-    ``eta_stop``) counted from the run's first step. Rows with eta 0 (``rows`` False: the edits of a run that only
-    controls its reconstruction) take the plain Euler step. Only the guidance rule's combination applies."""
+    Euler step of :func:`reverse_field` toward ``y0`` (each row's image latent), eta on the steps [int(eta_start M),
+    int(eta_stop M)) of the M steps the run samples, counted from its first. Rows with eta 0 (``rows`` False)
+    take the plain Euler step. Only the guidance rule's combination applies."""
 
     y0: Tensor
     """(B, C, h, w) each row's image latent (z0: at s = 0, z = x)."""
     eta: float
-    eta_start: int = 0
-    """The first step (counted from the run's first, 0) with eta."""
-    eta_stop: int = 0
-    """The first step after them without."""
+    eta_start: float = 0.0
+    """The fraction of the sampled steps after which eta starts."""
+    eta_stop: float = 0.0
+    """The fraction of the sampled steps at which it stops."""
     rows: Tensor | None = None
     """(B,) bool: the rows controlled; None: all."""
     top: int | None = None
@@ -93,6 +93,7 @@ class ControlledStep:
 
     def start(self, z: Tensor, level: int) -> None:
         self.top, self.evaluations = level, 0
+        self.first, self.stop = int(self.eta_start * level), int(self.eta_stop * level)
 
     def map_companions(self, fn: Callable[[Tensor], Tensor]) -> None:
         pass
@@ -102,7 +103,7 @@ class ControlledStep:
         eps, _, x0 = guided(z, k, need_x0=True)
         self.evaluations += 1
         s, s_to = schedule.sigmas[k], schedule.sigmas[k - 1]
-        eta = torch.full((z.shape[0], 1, 1, 1), eta_at(self.top - k, self.eta, self.eta_start, self.eta_stop),
+        eta = torch.full((z.shape[0], 1, 1, 1), eta_at(self.top - k, self.eta, self.first, self.stop),
                          dtype=z.dtype, device=z.device)
         if self.rows is not None:
             eta = eta * self.rows.to(device=z.device, dtype=z.dtype).view(-1, 1, 1, 1)
