@@ -183,6 +183,15 @@ def update(opt, sched, params: list, ema: list, ema_decay: float, step: int) -> 
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
 
 
+def held_out_reload(pipeline_class, folder: Path, scenes: list, images):
+    """(pipeline reloaded from ``folder`` the way a user loads it, the held-out ``scenes``, their attributes, their
+    images in [-1, 1] by ``images``, the images' VAE round trip in [0, 1]): what both evaluations start from."""
+    pipe = pipeline_class.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    x = images(scenes)
+    return pipe, scenes, [s.attributes for s in scenes], x, vae_round_trip(pipe, x)
+
+
 def vae_round_trip(pipe, x: torch.Tensor) -> torch.Tensor:
     """Images x in [-1, 1] through the pipeline's VAE (posterior mean), back in [0, 1]."""
     latents = pipe.vae.encode(x).latent_dist.mean
@@ -199,12 +208,8 @@ def evaluate(folder: Path, n_eval: int, seed: int, steps: int) -> dict:
     """Quality figures of the saved model, reloaded the way a user loads it."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    scenes = sample_scenes(n_eval, seed=seed, split="held_out")
-    truth = [s.attributes for s in scenes]
-    x = images_to_tensor(scenes)
-    rec = vae_round_trip(pipe, x)
+    pipe, scenes, truth, x, rec = held_out_reload(StableDiffusionPipeline, folder,
+                                                  sample_scenes(n_eval, seed=seed, split="held_out"), images_to_tensor)
     src = (x + 1) / 2
     vae_psnr = psnr(rec, src)
     vae_acc = attribute_accuracy([classify(i) for i in to_uint8(rec)], truth)
@@ -408,12 +413,9 @@ def evaluate_flow(folder: Path, n_eval: int, seed: int, steps: int) -> dict:
 
     from diffinv.shapes.world import FLOW_SIZE, sample_striped_scenes
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    scenes = sample_striped_scenes(n_eval, seed=seed, split="held_out")
-    truth = [s.attributes for s in scenes]
-    x = striped_images(scenes)
-    rec = vae_round_trip(pipe, x)
+    pipe, scenes, truth, x, rec = held_out_reload(StableDiffusion3Pipeline, folder,
+                                                  sample_striped_scenes(n_eval, seed=seed, split="held_out"),
+                                                  striped_images)
     out = {
         "held_out_scenes": n_eval,
         "resolution": FLOW_SIZE,

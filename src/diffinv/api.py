@@ -29,13 +29,12 @@ from torch import Tensor
 from .backbone import EMBEDDED_MODEL, Backbone, BackboneConfig
 from .data import InputRow, Item, build_items, check_prompt
 from .data.images import rgb_array
-from .data.items import _safe_id
 from .editing.editor import Editor
 from .errors import DiffinvError
 from .inversion import Inversion, InversionMethod, check_record, registry
 from .inversion.base import StepObserver
 from .metrics import psnr
-from .output import DONE_MARKER, check_item_id, to_pil
+from .output import DONE_MARKER, to_pil
 from .progress import Progress, console_progress, model_progress
 
 
@@ -264,10 +263,9 @@ def _sample(model: Model, record: Inversion, targets: list[str], editor: Editor 
     made it, with its own step count and guidance scale, as ``diffinv predict`` edits a saved record."""
     entry = registry.by_name(record.method)
     m = model.method(entry, record.num_steps, record.guidance_scale, editor=editor, **options)
-    m.check_items([])  # the step count against the model, and the method against the model's family
+    m.check_items([])  # the step count, the method and the editor against the model
     m.check_saved(record)
     if editor is not None:
-        editor.check_model(model.backbone.unet)
         editor.check(model.backbone.layout, record.source_prompt, targets)
     for message in model.backbone.prompt_warnings(targets):
         warnings.warn(message, stacklevel=3)
@@ -284,29 +282,17 @@ def _sample(model: Model, record: Inversion, targets: list[str], editor: Editor 
 
 
 def _items(images: list, prompts: list, targets: list[list[str]], ids: list[str | None]) -> list[Item]:
-    """The items of a batch: paths read as the CLI reads them (one line naming a bad file), arrays, PIL images and
-    tensors converted; ids made unique as the CLI makes them."""
-    items = []
+    """The items of a batch, as the CLI builds them (:func:`~diffinv.data.build_items`: prompts and ids checked,
+    ids made unique, over-long images refused, one line naming the bad one): paths read as the CLI reads them,
+    arrays, PIL images and tensors converted."""
+    rows = []
     for k, (image, prompt, tgt, uid) in enumerate(zip(images, prompts, targets, ids)):
-        where = f"image {k}" if len(images) > 1 else "the image"
         if isinstance(image, (str, Path)):
-            row = InputRow(f"image {image}", prompt, tgt, image=Path(image).expanduser(), id=uid)
-            items.append(build_items([row], None, False, max_aspect=MAX_ASPECT)[0])
+            rows.append(InputRow(f"image {image}", prompt, tgt, image=Path(image).expanduser(), id=uid))
         else:
-            uid = _safe_id(uid or "image")
-            check_item_id(uid, where)
-            array = _rgb(image, where)
-            h, w = array.shape[:2]
-            if max(h, w) > MAX_ASPECT * min(h, w):
-                raise DiffinvError(f"{where} is {w}x{h}, over {MAX_ASPECT:g}:1 (the CLI's --data.max_aspect): crop it")
-            items.append(Item(uid, array, check_prompt(prompt, f"the prompt of {where}"),
-                              [check_prompt(t, f"target prompt {j} of {where}") for j, t in enumerate(tgt)]))
-    seen: dict[str, int] = {}
-    for item in items:
-        n = seen[item.id] = seen.get(item.id, 0) + 1
-        if n > 1:
-            item.id = f"{item.id}-{n}"
-    return items
+            where = f"image {k}" if len(images) > 1 else "the image"
+            rows.append(InputRow(where, prompt, tgt, id=uid or "image", pixels=_rgb(image, where)))
+    return build_items(rows, None, False, max_aspect=MAX_ASPECT)
 
 
 def _rgb(image, what: str) -> np.ndarray:

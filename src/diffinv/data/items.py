@@ -59,6 +59,8 @@ class InputRow:
     meta: dict = field(default_factory=dict)
     record: object | None = None
     """The loaded Inversion where the row edits a saved record."""
+    pixels: np.ndarray | None = None
+    """The image itself, (H, W, 3) uint8 RGB, where it is in memory rather than a file (the Python API)."""
 
 
 MANIFEST_KEYS = {
@@ -156,11 +158,11 @@ def build_items(rows: list[InputRow], resolution: int | None, square: bool, max_
             image = row.record.source_image.permute(1, 2, 0).numpy()
             items.append(Item(uid, image, source, targets, inversion=Path(row.inversion)))
             continue
-        image = load_image(row.image)
+        image = row.pixels if row.pixels is not None else load_image(row.image)
         h, w = image.shape[:2]
         if max_aspect is not None and not square and max(h, w) > max_aspect * min(h, w):
             raise DiffinvError(
-                f"image {row.image} is {w}x{h}, {max(h, w) / min(h, w):.0f}:1, over --data.max_aspect {max_aspect:g}: "
+                f"{f'image {row.image}' if row.image is not None else row.where} is {w}x{h}, {max(h, w) / min(h, w):.0f}:1, over --data.max_aspect {max_aspect:g}: "
                 "its short side would be scaled to the model's size and the long one to many times it; crop it, "
                 "or pass --data.square true (centre square) or a larger --data.max_aspect")
         items.append(Item(uid, image, source, targets, resolution, square, meta=row.meta))

@@ -26,7 +26,6 @@ target only; the two agree unless w_tgt occurs in the source prompt or w_src in 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,13 +37,6 @@ from .prompt_to_prompt import PromptToPrompt
 
 Setting = tuple[str, tuple[str, ...], tuple[str, ...]]
 """(mode, local-blend words, reweighted words) of one edit."""
-
-
-def read_annotations(path: str | Path) -> dict[str, dict]:
-    """{item id: annotation} of a PIE-Bench folder (its ``mapping_file.json``) or of the mapping file itself."""
-    from ..data.sources import pie_bench_annotations
-
-    return pie_bench_annotations(path)
 
 
 class PieBenchP2P(Editor):
@@ -76,7 +68,9 @@ class PieBenchP2P(Editor):
                 branch only.
         """
         self.annotations = annotations
-        self._table = read_annotations(annotations) if annotations is not None else {}
+        from ..data.sources import pie_bench_annotations  # {item id: annotation} of the folder or mapping file
+
+        self._table = pie_bench_annotations(annotations) if annotations is not None else {}
         self.mode = mode
         self.options = dict(cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps,
                             reweight_scale=reweight_scale, local_blend_threshold=local_blend_threshold,

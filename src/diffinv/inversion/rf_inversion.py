@@ -13,25 +13,26 @@ from ..ddim import Schedule, flow_x, flow_z
 from ..editing.editor import Editor
 from ..errors import DiffinvError, check_finite, check_fraction
 from ..seeds import keyed_normal
-from ..steps.controlled import forward_field
-from ..steps.rf_solver import euler_update
+from ..steps.controlled import rf_invert
 from .base import InversionMethod
 from .record import Sampling
 from .rf_solver import inverting_guidance
 
 
 def controlled_inversion(velocity, z0: Tensor, y1: Tensor, schedule: Schedule, gamma: float) -> Tensor:
-    """The trajectory (N + 1, B, ...) of Euler steps of the controlled forward ODE (eq. 8) from z0 at level 0:
-    Y' = Y + ds (v + gamma ((y1 - Y) / (1 - s) - v)), v = ``velocity(z, timestep, alpha)`` evaluated where Y sits
-    (timestep 0 at the image), in the flow's coordinates x = z sqrt((1 - s)^2 + s^2)."""
-    trajectory = [z0]
-    for k in range(1, schedule.num_steps + 1):
-        z, s, s_to = trajectory[-1], schedule.sigmas[k - 1], schedule.sigmas[k]
-        v = velocity(z, schedule.level_timestep(k - 1), schedule.alphas[k - 1])
-        x = flow_x(z, s)
-        x = euler_update(x, forward_field(v, x, y1.to(x), float(s), gamma), float(s_to - s))  # eq. 8, Euler
-        trajectory.append(flow_z(x, s_to))
-    return torch.stack(trajectory)
+    """The trajectory (N + 1, B, ...) in DDIM coordinates of :func:`~diffinv.steps.controlled.rf_invert` (the
+    controlled forward ODE, eq. 8, by Euler steps) on the schedule's levels from z0 at level 0, in the flow's
+    coordinates x = z sqrt((1 - s)^2 + s^2); v = ``velocity(z, timestep, alpha)`` evaluated where Y sits (level k's
+    timestep and alpha; timestep 0 at the image)."""
+    sigmas = schedule.sigmas
+    level = {float(s): k for k, s in enumerate(sigmas)}  # rf_invert asks at the levels' sigmas, in order
+
+    def at_level(x: Tensor, s: float) -> Tensor:
+        k = level[s]
+        return velocity(flow_z(x, sigmas[k]), schedule.level_timestep(k), schedule.alphas[k])
+
+    xs, _ = rf_invert(at_level, flow_x(z0, sigmas[0]), sigmas, y1.to(z0), gamma)
+    return torch.stack([flow_z(x, s) for x, s in zip(xs, sigmas)])
 
 
 class RFInversion(InversionMethod):

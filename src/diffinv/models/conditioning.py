@@ -111,10 +111,6 @@ class TextLayout:
             return Conditioning(tokens, None)
         return Conditioning(tokens, cond[:, self.tokens:].reshape(cond.shape[0], -1)[:, : self.pooled])
 
-    def segment_of(self, name: str) -> Segment | None:
-        """The segment of that encoder, None where the layout has none."""
-        return next((s for s in self.segments if s.name == name), None)
-
     @property
     def prompt_reader(self) -> tuple[object, int]:
         """(tokenizer, token limit) of the encoder that reads the prompt (:attr:`reader`)."""
