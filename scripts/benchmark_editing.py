@@ -3,7 +3,7 @@
     python scripts/benchmark_editing.py                         # 24 scenes x 3 edit kinds, 20 steps
     python scripts/benchmark_editing.py --scenes 6 --inversions NPI ProxNPI --editors none p2p
     python scripts/benchmark_editing.py --world flow --model shapes-flow --steps 28 \
-        --inversions DDIM NPI RF-Solver FireFlow RF-Inversion --editors none p2p "p2p (qk_swap)" flowedit
+        --inversions DDIM NPI RF-Solver FireFlow RF-Inversion --editors none p2p "p2p (qk_swap)" flowedit rf_edit
 
 For each scene three edits are made: colour -> another colour, shape -> another shape, background -> another
 colour. For every inversion x editor it reports, per edit kind and overall:
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from diffinv import BackboneConfig, ProximalGuidance  # noqa: E402
 from diffinv.data import Item  # noqa: E402
-from diffinv.editing import FlowEdit, PromptToPrompt, SDEdit  # noqa: E402
+from diffinv.editing import FlowEdit, PromptToPrompt, RFEdit, SDEdit  # noqa: E402
 from diffinv.inversion import registry  # noqa: E402
 from diffinv.shapes.classifier import classify  # noqa: E402
 from diffinv.shapes import world  # noqa: E402
@@ -68,6 +68,9 @@ EDITORS = {
     "p2p (qk_swap)": lambda: PromptToPrompt(mode="replace", cross_replace_steps=0.8, self_replace_steps=0.4,
                                             joint_attention="qk_swap"),
     "flowedit": lambda: FlowEdit(),  # flow models: the paper's SD 3 settings (n_max 0.66, CFG 3.5 / 13.5)
+    # flow models: RF-Solver-Edit's / FireFlow's value injection (the source's V in the last joint layers)
+    "rf_edit": lambda: RFEdit(inject_steps=3),
+    "rf_edit (8 steps)": lambda: RFEdit(inject_steps=8),
 }
 WORLDS = {  # name -> (scenes, render, side in pixels)
     "unet": (world.sample_scenes, world.render, world.SIZE),

@@ -501,15 +501,17 @@ def save_flow_model(args, vae, text_encoders, transformer, scheduler, tokenizer)
 
 def continue_flow_model(args) -> dict:
     """``--flow --resume``: train the saved model's transformer and text encoders ``--flow-steps`` more steps (a
-    warm restart of the cosine schedule, noise from seed + 1), the VAE kept; the training record adds up."""
+    warm restart of the cosine schedule, noise from seed + the number of earlier phases, so no phase repeats
+    another's batches), the VAE kept; the training record adds up."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     from diffinv.shapes.world import sample_striped_scenes
 
     previous = json.loads((args.output / "quality.json").read_text())
-    torch.manual_seed(args.seed + 1)
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    offset = len(previous.get("phases") or [previous])  # 1 after the first phase, as before
+    torch.manual_seed(args.seed + offset)
+    gen = torch.Generator().manual_seed(args.seed + offset)
     f32 = dict(torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(args.output, subfolder="vae", **f32)
     transformer = SD3Transformer2DModel.from_pretrained(args.output, subfolder="transformer", **f32)

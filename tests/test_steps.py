@@ -165,3 +165,21 @@ def test_edict_on_a_flow_starts_at_pure_noise_and_reconstructs(tiny_sd3_dir):
         (rec, _), = m.edit([r.inversion], [[]])
     torch.testing.assert_close(rec.float(), r.inversion.z0.float(), atol=1e-3, rtol=0)
     assert (r.edits[0] - r.reconstruction).abs().max() > 1e-3
+
+
+def test_every_record_step_kind_has_its_step_rule_and_batch_settings():
+    """The pipeline samples a record through diffinv.inversion.step_kinds alone: every kind a record may name is
+    there, the flow solvers' marked as flow steps, and records that differ in a kind's settings form different
+    batches."""
+    from typing import get_args
+
+    from diffinv.inversion.record import Sampling, StepKind
+    from diffinv.inversion.step_kinds import STEP_KINDS, batch_key
+
+    assert set(STEP_KINDS) == set(get_args(StepKind))
+    assert {k for k, spec in STEP_KINDS.items() if spec.flow} == {"rf_solver", "fireflow", "rf_inversion"}
+    assert batch_key(Sampling(step="stochastic", eta=1.0)) != batch_key(Sampling(step="stochastic", eta=0.5))
+    assert batch_key(Sampling(step="coupled", mix=0.93)) != batch_key(Sampling(step="coupled", mix=0.9))
+    assert batch_key(Sampling(step="rf_inversion", eta=0.9, eta_stop=0.25)) != batch_key(
+        Sampling(step="rf_inversion", eta=0.9, eta_stop=0.5))
+    assert batch_key(Sampling(step="ddim", eta=0.3)) == batch_key(Sampling(step="ddim"))  # eta means nothing there

@@ -25,6 +25,7 @@ _EXPORTS = {
     "PromptToPrompt": ".editing",
     "SDEdit": ".editing",
     "FlowEdit": ".editing",
+    "RFEdit": ".editing",
 }
 """Names imported on first use; the inversion methods' classes come on top, from their registry
 (:mod:`diffinv.inversion.registry`), imported when one is first asked for."""

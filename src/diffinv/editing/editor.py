@@ -44,7 +44,7 @@ class SampleRows(Protocol):
 
 FlowVelocity = Callable[[Tensor, int, list[str], float, bool], Tensor]
 """velocity(x, k, prompts, scale, embedded) -> v: a flow model's velocity dx/ds (v = eps - x0) of flow latents x
-(one row per prompt) at level k's sigma and timestep, under classifier-free guidance at ``scale`` with the null
+(one row per prompt) at level k's sigma and timestep (timestep 0 at level 0), under classifier-free guidance at ``scale`` with the null
 prompt, or (``embedded``) with ``scale`` given to a guidance-distilled denoiser's embedding (FLUX.1-dev)."""
 
 

@@ -138,6 +138,51 @@ def joint_qkv(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None)
     return torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
 
 
+def joint_output(attn, out: Tensor, n: int, encoder_hidden_states: Tensor | None):
+    """The tail of SD 3's joint attention as ``JointAttnProcessor2_0`` ends it: the attention output (B, S, H d)
+    split into the image tokens (the first ``n``) and the text tokens, each through its output projection."""
+    context = None
+    if encoder_hidden_states is not None:
+        out, context = out[:, :n], out[:, n:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out if context is None else (out, context)
+
+
+def flux_qkv(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
+             image_rotary_emb) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) (B, S, H, d) of FLUX.1's attention as ``FluxAttnProcessor`` makes them: projections, q/k norms,
+    the joined [text, image] sequence (double-stream blocks; a single-stream block's is joined already) and the
+    rotary embedding on q and k."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in
+               (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    if encoder_hidden_states is not None:
+        cq, ck, cv = (x.unflatten(-1, (-1, attn.head_dim)) for x in
+                      (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states)))
+        cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+    if image_rotary_emb is not None:
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+    return q, k, v
+
+
+def flux_output(attn, out: Tensor, encoder_hidden_states: Tensor | None):
+    """The tail of FLUX.1's attention as ``FluxAttnProcessor`` ends it: a single-stream block's output (B, S, H d)
+    as it is; a double-stream block's split into text (first) and image, each through its output projection."""
+    if encoder_hidden_states is None:
+        return out
+    L = encoder_hidden_states.shape[1]
+    context, out = out[:, :L], out[:, L:]
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(context.contiguous())
+
+
 class ControlledJointAttnProcessor:
     """SD 3 / 3.5's joint attention (diffusers' ``JointAttnProcessor2_0``, the ``attn`` of a JointTransformerBlock
     and SD 3.5's image-only ``attn2``) under a Prompt-to-Prompt controller; ``default``, the processor it
@@ -157,14 +202,7 @@ class ControlledJointAttnProcessor:
         # 2. the controlled attention
         out = controlled_attention(self.controller, q, k, v, image=slice(0, n), text=text)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * q.shape[-1]).to(q.dtype)
-        # 3. split and output projections, as JointAttnProcessor2_0
-        context = None
-        if encoder_hidden_states is not None:
-            out, context = out[:, :n], out[:, n:]
-            if not attn.context_pre_only:
-                context = attn.to_add_out(context)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out if context is None else (out, context)
+        return joint_output(attn, out, n, encoder_hidden_states)  # 3. as JointAttnProcessor2_0
 
 
 class ControlledFluxAttnProcessor:
@@ -178,37 +216,18 @@ class ControlledFluxAttnProcessor:
         self.controller, self.default = controller, default
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         L = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.controller.text_tokens
         S = hidden_states.shape[1] + (L if encoder_hidden_states is not None else 0)
         if not joint_controlled(self.controller, S - L, True):
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:  # diffinv's FLUX call passes none (FluxPipeline neither)
             raise DiffinvError("Prompt-to-Prompt on FLUX.1 controls attention without a mask, and this call has one")
-        # 1. projections, q/k norms, the joined [text, image] sequence and its rotary embedding, as FluxAttnProcessor
-        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in
-                   (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            cq, ck, cv = (x.unflatten(-1, (-1, attn.head_dim)) for x in
-                          (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-                           attn.add_v_proj(encoder_hidden_states)))
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)  # 1. as FluxAttnProcessor
         # 2. the controlled attention, on (N, H, S, d)
         out = controlled_attention(self.controller, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                    image=slice(L, None), text=slice(0, L))
         out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-        # 3. split and output projections, as FluxAttnProcessor
-        if encoder_hidden_states is None:
-            return out
-        context, out = out[:, :L], out[:, L:]
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(context.contiguous())
+        return flux_output(attn, out, encoder_hidden_states)  # 3. as FluxAttnProcessor
 
 
 def _joint_processor_types() -> list[tuple[type, type]]:
@@ -232,3 +251,22 @@ def is_joint_attention(denoiser) -> bool:
     kinds = tuple(kind for kind, _ in _joint_processor_types())
     processors = list(denoiser.attn_processors.values())
     return bool(processors) and all(isinstance(p, kinds) for p in processors)
+
+
+def joint_sequence_layers(denoiser) -> list[tuple[str, bool]]:
+    """The attention layers of an MM-DiT that attend over its joint image + text sequence, in depth order, as
+    (processor name, single-stream): SD 3's joint attention and FLUX.1's double-stream blocks (separate text
+    projections), FLUX.1's single-stream blocks (the sequence joined before it, ``FluxAttnProcessor`` with no text
+    projections). SD 3.5's image-only ``attn2`` is not among them; a UNet has none."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    out = []
+    for name, module in denoiser.named_modules():
+        proc = getattr(module, "processor", None)
+        if proc is None or not isinstance(proc, tuple(kind for kind, _ in _joint_processor_types())):
+            continue
+        has_text = getattr(module, "add_q_proj", None) is not None
+        joined = isinstance(proc, FluxAttnProcessor) and not has_text
+        if has_text or joined:
+            out.append((f"{name}.processor", joined))
+    return out

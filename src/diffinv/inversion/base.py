@@ -25,9 +25,9 @@ from ..editing.editor import EditContext, Editor, FlowVelocity, Row
 from ..editing.sampler import sample
 from ..errors import DiffinvError, check_at_least, check_finite
 from ..guidance import ClassifierFree, GuidanceRule, cfg, row_scale
-from ..steps import (Controlled, ControlledStep, CoupledStep, DeterministicStep, FireFlowStep, Finite, Observe,
-                     RFSolverStep, Snap, Step, StochasticStep)
-from .record import FLOW_STEPS, Inversion, Sampling, check_record
+from ..steps import Controlled, Finite, Observe, Snap, Step
+from .record import Inversion, Sampling, check_record
+from .step_kinds import STEP_KINDS, batch_key
 from .result import ItemResult, optimization_summary
 
 
@@ -187,7 +187,7 @@ class InversionMethod(L.LightningModule):
                 for row in [Row(g, inv.source_prompt, None), *(Row(g, t, t) for t in targets)]]
         dev = self.device
         plans = self.check_plans(inversions)
-        if plans[0].step in FLOW_STEPS and not schedule.is_flow:
+        if STEP_KINDS[plans[0].step].flow and not schedule.is_flow:
             raise DiffinvError(f"the inversion record was made by a flow solver ({plans[0].step}), which steps a "
                                "rectified flow: sample it on a flow model (SD 3 / 3.5, FLUX.1)")
         level = inversions[0].start_level
@@ -210,24 +210,9 @@ class InversionMethod(L.LightningModule):
             ws = [self.guidance_scale if row.is_edit else plans[row.item].guidance_scale for row in picked_rows]
             return ws[0] if len(set(ws)) == 1 else torch.tensor(ws)
 
-        def step_rule(sel: list[Row], z_start: Tensor, from_editor: bool) -> Step:
-            """The records' step rule for the rows ``sel`` (a run from the editor's own level starts EDICT's second
-            sequence at the same latents)."""
-            plan = plans[0]
-            if plan.step == "stochastic":
-                noise = torch.stack([inversions[row.item].extra["step_noise"] for row in sel], dim=1).to(dev)
-                return StochasticStep(eta=plan.eta, noise=noise, variance=plan.variance)
-            if plan.step == "coupled":
-                y = None if from_editor else torch.stack([inversions[row.item].extra["edict_y_T"] for row in sel])
-                return CoupledStep(mix=plan.mix, y_start=None if y is None else y.to(dev), leapfrog=plan.leapfrog)
-            if plan.step == "rf_solver":
-                return RFSolverStep()
-            if plan.step == "fireflow":
-                return FireFlowStep()
-            if plan.step == "rf_inversion":
-                y0 = torch.stack([inversions[row.item].z0 for row in sel]).to(dev)
-                return ControlledStep(y0=y0, eta=plan.eta, eta_start=plan.eta_start, eta_stop=plan.eta_stop)
-            return DeterministicStep()
+        def step_rule(sel: list[Row], from_editor: bool) -> Step:
+            """The records' step rule for the rows ``sel`` (:data:`diffinv.inversion.step_kinds.STEP_KINDS`)."""
+            return STEP_KINDS[plans[0].step].build(plans[0], [inversions[row.item] for row in sel], dev, from_editor)
 
         def run(picked: list[int], z_start: Tensor, controller=None, start_level: int | None = None) -> Tensor:
             """Sample the rows ``picked`` from ``z_start`` (diffinv.editing.editor.SampleRows)."""
@@ -247,7 +232,7 @@ class InversionMethod(L.LightningModule):
             if observe is not None:
                 hooks.append(Observe(lambda k, z, keep: observe(sel, k, z, keep)))
             guidance = self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions)
-            if plans[0].step in FLOW_STEPS and guidance.corrects:
+            if STEP_KINDS[plans[0].step].flow and guidance.corrects:
                 raise DiffinvError(f"{self.method_name}'s reconstruction or inversion guidance corrects a DDIM step's "
                                    f"x0 and latent, which the flow solver's step ({plans[0].step}) has not: turn them "
                                    "off (--model.proximal.reconstruction_guidance false, --model.proximal."
@@ -258,7 +243,7 @@ class InversionMethod(L.LightningModule):
                 cond=self.backbone.encode_prompts([row.prompt for row in sel]),
                 uncond=torch.stack(uncond, dim=1 if uncond[0].dim() == 3 else 0),
                 guidance=guidance,
-                step=step_rule(sel, z_start, start_level is not None),
+                step=step_rule(sel, start_level is not None),
                 hooks=hooks,
                 uncond_is_cond=recon_cond,
                 start_level=None if top == n else top,
@@ -289,13 +274,14 @@ class InversionMethod(L.LightningModule):
         bb = self.backbone
 
         def velocity(x: Tensor, k: int, prompts: list[str], scale: float, embedded: bool) -> Tensor:
-            s, t = schedule.sigmas[k], schedule.timesteps[k - 1]
+            s, t = schedule.sigmas[k], schedule.level_timestep(k)
+            alpha = None if k > 0 else schedule.alphas[0]  # level 0: timestep 0, the image (the inversions' start)
             z, cond = flow_z(x, s), bb.encode_prompts(prompts).to(x.device)
             if embedded or scale == 1:
                 with bb.embedded_guidance_of(scale if embedded else None):
-                    eps, x0 = bb.predict(z, t, cond)
+                    eps, x0 = bb.predict(z, t, cond, alpha)
                 return eps - x0
-            eps, x0 = bb.predict(torch.cat([z, z]), t, torch.cat([cond, null.to(x.device).expand_as(cond)]))
+            eps, x0 = bb.predict(torch.cat([z, z]), t, torch.cat([cond, null.to(x.device).expand_as(cond)]), alpha)
             B = len(prompts)
             return cfg(eps[B:], eps[:B], scale) - cfg(x0[B:], x0[:B], scale)  # CFG is linear: v's guidance
 
@@ -305,10 +291,7 @@ class InversionMethod(L.LightningModule):
         """The records' sampling, refused in one line where one batch cannot sample them together (other step
         rules or start levels) or where this method cannot reproduce a record's reconstruction."""
         plans = [inv.plan for inv in inversions]
-        kinds = {(p.step, p.eta if p.step in ("stochastic", "rf_inversion") else None,
-                  p.variance if p.step == "stochastic" else None, p.mix if p.step == "coupled" else None, p.leapfrog,
-                  (p.eta_start, p.eta_stop) if p.step == "rf_inversion" else None) for p in plans}
-        if len(kinds) > 1:
+        if len({batch_key(p) for p in plans}) > 1:
             raise DiffinvError("records of different step rules (stochastic: CycleDiffusion, DDPM; coupled: EDICT; "
                                "the flow solvers; deterministic), or of different eta or mixing, cannot be sampled "
                                "in one batch")

@@ -27,8 +27,6 @@ _TENSORS = ("z0", "trajectory", "timesteps", "source_image")
 
 StepKind = Literal["ddim", "stochastic", "coupled", "rf_solver", "fireflow", "rf_inversion"]
 Unconditional = Literal["null", "source", "learned"]
-FLOW_STEPS = ("rf_solver", "fireflow", "rf_inversion")
-"""The step kinds that step a rectified flow (sampled on flow models only)."""
 
 
 @dataclass(frozen=True)
