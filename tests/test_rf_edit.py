@@ -24,7 +24,7 @@ def flow(request, tiny_sd3_dir, tiny_flux_dir):
 
 
 def editor_for(name: str, **kw) -> RFEdit:
-    return RFEdit(embedded_guidance=name == "flux", **kw)
+    return RFEdit(**kw)  # FLUX.1-dev: the features at its guidance embedding (1), found by default
 
 
 class Log(ValueStore):
@@ -73,12 +73,19 @@ def test_the_features_are_the_inversions_own_evaluations_at_the_paired_level(pai
     with value_injection(plain.backbone.unet, log, layers), torch.no_grad():
         plain.run_batch([item(0)])  # 2N inversion evaluations first, then the sampling's
     recorded: dict[tuple[int, str], Tensor] = {}
+    injected: dict[str, list[int]] = {}
     original = ValueStore.values
 
     def spy(self, layer, v):
         if self.mode == "record":
             recorded[(self.step, layer)] = v[: self.items].detach().clone()
-        return original(self, layer, v)
+        out = original(self, layer, v)
+        if self.mode == "inject":  # the sampling step this call belongs to, and what its rows attend with
+            injected.setdefault(layer, []).append(self.step)
+            edit = self.row_items >= 0
+            assert torch.equal(out[edit], recorded[(self.step, layer)][self.row_items[edit]])
+            assert torch.equal(out[~edit], v[~edit])  # the reconstruction rows keep their own
+        return out
 
     monkeypatch.setattr(ValueStore, "values", spy)
     with torch.no_grad():
@@ -97,6 +104,8 @@ def test_the_features_are_the_inversions_own_evaluations_at_the_paired_level(pai
                     assert (recorded[(s, layer)] - log.log[layer][2 * other]).abs().max() > 1e-3
                 compared += 1
     assert compared >= len(layers)
+    for layer, _ in layers:  # RF-Solver evaluates twice a step; step s (from level N - s) reads step s's features
+        assert injected[layer] == [s for s in range(N) for _ in range(2)]
 
 
 def test_no_injection_is_the_prompt_swap_and_injection_changes_only_the_edits(flow):
@@ -162,7 +171,7 @@ def test_what_cannot_run_is_refused_in_one_line(tiny_model_dir, tiny_sd3_dir):
     sd = RFSolverInversion  # refused on a diffusion model by the method already; the editor says so too
     from diffinv import DDIMInversion
 
-    with pytest.raises(DiffinvError, match="RFEdit solves a rectified flow's ODE"):
+    with pytest.raises(DiffinvError, match="RFEdit injects a flow model's attention values.*flow models"):
         DDIMInversion(BackboneConfig(pretrained=str(tiny_model_dir)), N, editor=RFEdit()).check_items([item(0)])
     bb = BackboneConfig(pretrained=str(tiny_sd3_dir))
     with pytest.raises(DiffinvError, match="not guidance-distilled"):
@@ -170,8 +179,8 @@ def test_what_cannot_run_is_refused_in_one_line(tiny_model_dir, tiny_sd3_dir):
     with pytest.raises(DiffinvError, match="blocks is 99, and this model has"):
         sd(bb, N, editor=RFEdit(blocks=99)).check_items([item(0)])
     with pytest.raises(DiffinvError, match="injects 5 steps, and this edit samples 3"):
-        with torch.no_grad():
-            sd(bb, N, editor=RFEdit(inject_steps=5)).run_batch([item(0)])
-    for bad in (dict(inject_steps=-1), dict(blocks=0), dict(pairing="step"), dict(feature_guidance=float("nan"))):
+        sd(bb, N, editor=RFEdit(inject_steps=5)).check_items([item(0)])
+    for bad in (dict(inject_steps=-1), dict(blocks=0), dict(pairing="step"), dict(feature_guidance=float("nan")),
+                dict(features_on="gpu")):
         with pytest.raises(DiffinvError):
             RFEdit(**bad)

@@ -39,13 +39,15 @@ class SampleRows(Protocol):
     def __call__(self, picked: list[int], z_start: Tensor, **options) -> Tensor:
         """Latents z_0 of the rows ``picked`` (indices into the run's rows) from ``z_start`` (one per picked row);
         ``options``: ``start_level`` (start there instead of the records' own level, ``z_start`` being latents of
-        that level) and ``controller`` (Prompt-to-Prompt's, installed on the denoiser: told each step)."""
+        that level) and ``controller`` (an attention controller the editor installed on the denoiser: Prompt-to-
+        Prompt's, RF-Edit's value store; told the run's rows and each step)."""
 
 
 FlowVelocity = Callable[[Tensor, int, list[str], float, bool], Tensor]
 """velocity(x, k, prompts, scale, embedded) -> v: a flow model's velocity dx/ds (v = eps - x0) of flow latents x
-(one row per prompt) at level k's sigma and timestep (timestep 0 at level 0), under classifier-free guidance at ``scale`` with the null
-prompt, or (``embedded``) with ``scale`` given to a guidance-distilled denoiser's embedding (FLUX.1-dev)."""
+(one row per prompt) at level k's sigma and timestep (timestep 0 at level 0), under classifier-free guidance at
+``scale`` with the null prompt (one call of the conditional rows, then the null ones; the conditional rows alone at
+scale 1), or (``embedded``) with ``scale`` given to a guidance-distilled denoiser's embedding (FLUX.1-dev)."""
 
 
 @dataclass
@@ -76,6 +78,8 @@ class EditContext:
     velocity: FlowVelocity | None = None
     """The model's velocity for any latents, prompts and guidance, on flow models (None on the others): what an
     inversion-free editor (FlowEdit) drives its own ODE with."""
+    guidance_embedding: bool = False
+    """The denoiser is guidance-distilled (FLUX.1-dev's guidance embedding)."""
 
     def first_row(self, rows: list[Row]) -> dict[int, int]:
         """Each item's first row (its reconstruction: the source of its edits' attention)."""
@@ -92,14 +96,19 @@ class Editor:
     edit_name: ClassVar[str] = "prompt"
     """What metrics.jsonl's ``edit_with`` field says of an edit made by this editor."""
     needs_flow: ClassVar[bool] = False
-    """The editor drives a rectified flow's ODE (FlowEdit): refused on the other models in one line, before any
-    work."""
+    """The editor drives a rectified flow's ODE (FlowEdit) or needs a flow model's joint attention (RF-Edit): refused
+    on the other models in one line, before any work."""
+    flow_need: ClassVar[str] = "solves a rectified flow's ODE"
+    """What that refusal says the editor does."""
 
     def check(self, layout: TextLayout, source: str, targets: list[str]) -> None:
         """Refuse, before any work and in one line, prompts this editor cannot take (nothing to refuse here)."""
 
     def check_model(self, denoiser) -> None:
         """Refuse, before any work and in one line, a denoiser this editor cannot act on (none here)."""
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse, before any work and in one line, a step count this editor cannot use (none here)."""
 
     def check_backbone(self, backbone) -> None:
         """Refuse, before any work and in one line, a model whose family cannot give what this editor asks of it

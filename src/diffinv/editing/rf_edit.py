@@ -3,19 +3,25 @@ FireFlow, Deng et al., ICML 2025, edits the same way): the source's self-attenti
 the last attention layers of the MM-DiT, for the first steps of sampling, so the edit keeps the source's structure
 while its queries and keys (and every other layer) follow the target prompt.
 
-Which V. The paper stores V "at each timestep" of the inversion and puts it back at the same timestep of the
-denoising. Here the inversion's V at level k is re-derived from the record: one conditional evaluation of the
-source prompt at the inversion's own latent of that level (its trajectory) and guidance (``feature_guidance``;
-RF-Solver and FireFlow invert at 1). For RF-Solver and Euler-type inversions this is the very evaluation the
-inversion made at level k (tested to 1e-5); FireFlow's inversion reuses its midpoint velocities, so there it is a
-fresh one at the same point. Nothing is stored in records: a record re-edits with it as it was inverted.
+Which V. The paper takes V "from the inversion process" and shares it at each timestep of the denoising; the
+authors' code keys it by the step's interval: the sampling step from level k reads what the inversion computed
+when it left level k - 1 going up (its step from k - 1 to k). Here that V is re-derived from the record: one
+evaluation of the source prompt at the inversion's own latent of the paired level (its trajectory) and guidance
+(``feature_guidance``, which must be the inversion's: RF-Solver and FireFlow invert at 1, RF-Inversion at 0 on
+FLUX.1-dev's embedding; a record does not store it). At scale 1 or with the guidance embedding that is the
+conditional rows alone, as the inversions evaluate; at another CFG scale the call runs the null rows too and the
+conditional rows' V is kept. For RF-Solver and Euler-type inversions it is the very evaluation the inversion made
+(tested to 1e-5); FireFlow's inversion reuses its midpoint velocities, so there it is a fresh one at the same point.
+Nothing is stored in records: a record re-edits with it as it was inverted. The cost: one evaluation per injected
+step, and the features in memory (``features_on``: FLUX.1 at 1024 px, 18 layers x 3 steps, about 3 GB per item in
+fp32).
 
-Pairing (``pairing``): ``level`` (default, the paper's "same timestep"): the sampling step from level k reads the
-features of level k, in every evaluation it makes (RF-Solver's and FireFlow's midpoint too). ``interval`` (the
-authors' code): their features are keyed by the step's interval, so the step from level k reads the inversion's
-evaluation at level k - 1 (the one that started the same interval, going up); their code gives the midpoint
-evaluation the inversion's midpoint features, which depend on the inversion's solver (not re-derivable by an
-editor: here the midpoint reads the interval's level features too).
+Pairing (``pairing``): ``interval`` (default; the authors' code, and the only pairing in which every injected V is
+one the inversion computed): the step from level k reads the inversion's V at level k - 1. ``level``: the step
+from level k reads V at the same noise level k, the inversion's latent there (at the top level N the inversion
+made no evaluation: a fresh one at its noise latent). In both, every evaluation of a step (RF-Solver's and
+FireFlow's midpoint too) reads the step's V: the authors' code gives the midpoint evaluation the inversion's
+midpoint V, which depends on the inversion's solver and cannot be re-derived by an editor (left out).
 
 Which layers (``blocks``): the authors inject into FLUX.1's single-stream blocks 20..37, the last 18 of its 57
 attention layers over the joint image + text sequence (19 double-stream, 38 single-stream), replacing the whole V
@@ -60,6 +66,8 @@ class ValueStore:
 
     steps: int
     items: int = 0
+    keep_on: str | None = None
+    """Where recorded features are kept (None: where they were computed)."""
     mode: Literal["off", "record", "inject"] = "off"
     step: int = 0
     features: dict[tuple[int, str], Tensor] = field(default_factory=dict)
@@ -74,7 +82,8 @@ class ValueStore:
     def values(self, layer: str, v: Tensor) -> Tensor:
         """The V a layer attends with: its own (kept, while recording) or, for the injected rows, its item's."""
         if self.mode == "record":
-            self.features[(self.step, layer)] = v[: self.items].detach().clone()
+            kept = v[: self.items].detach()
+            self.features[(self.step, layer)] = kept.to(self.keep_on) if self.keep_on else kept.clone()
             return v
         rows = self.row_items.to(v.device)
         picked = rows >= 0
@@ -152,36 +161,48 @@ class RFEdit(Editor):
 
     edit_name = "rf_edit"
     needs_flow = True
+    flow_need = "injects a flow model's attention values (its inversion's)"
 
     def __init__(self, inject_steps: int = 3, blocks: int | None = None,
-                 pairing: Literal["level", "interval"] = "level", feature_guidance: float = 1.0,
-                 embedded_guidance: bool = False):
+                 pairing: Literal["interval", "level"] = "interval", feature_guidance: float = 1.0,
+                 embedded_guidance: bool | None = None, features_on: Literal["device", "cpu"] = "device"):
         """
         Args:
             inject_steps: Sampling steps, from the first, whose V is the source's (the authors' ``--inject``: their
-                README suggests 2 to 8, tuned per image; their example script uses 3).
+                README suggests 2 to 8, tuned per image; their example script uses 3). Level 0 is the image: with
+                'interval' the step from level 1 reads the inversion's evaluation there.
             blocks: The last joint-sequence attention layers injected; None: FLUX.1's share, 18 of 57 (its
                 single-stream blocks 20..37, as the authors), round(18/57 L) of a model's L such layers.
-            pairing: 'level' (the paper: the step from level k reads the inversion's V at level k) or 'interval'
-                (the authors' code: at level k - 1, the start of the same interval; module docstring).
+            pairing: 'interval' (the authors' code: the step from level k reads the inversion's V at level k - 1,
+                where it started the same interval) or 'level' (at level k itself; module docstring).
             feature_guidance: The guidance the features are evaluated at: the inversion's (RF-Solver and FireFlow
                 invert at 1, RF-Inversion at 0 on FLUX.1-dev's embedding).
             embedded_guidance: Give ``feature_guidance`` to a guidance-distilled model's embedding (FLUX.1-dev, as
-                the authors' inversion does), not classifier-free guidance.
+                the authors' inversion does) rather than as classifier-free guidance; None: wherever the model has
+                one.
+            features_on: Keep the features on the model's device, or on the CPU between their evaluation and their
+                use (the authors' code; FLUX.1 at 1024 px holds about 57 MB per layer, step and item in fp32).
         """
         check_at_least("inject_steps", inject_steps, 0)
         if blocks is not None:
             check_at_least("blocks", blocks, 1)
-        if pairing not in ("level", "interval"):
-            raise DiffinvError(f"RF-Edit's pairing must be 'level' or 'interval', got {pairing!r}")
+        if pairing not in ("interval", "level"):
+            raise DiffinvError(f"RF-Edit's pairing must be 'interval' or 'level', got {pairing!r}")
+        if features_on not in ("device", "cpu"):
+            raise DiffinvError(f"RF-Edit's features_on must be 'device' or 'cpu', got {features_on!r}")
         check_finite({"feature_guidance": feature_guidance})
         self.inject_steps, self.blocks, self.pairing = inject_steps, blocks, pairing
         self.feature_guidance, self.embedded_guidance = feature_guidance, embedded_guidance
+        self.features_on = features_on
 
     def check_backbone(self, backbone) -> None:
         """With ``embedded_guidance``, the model must be guidance-distilled (FLUX.1-dev): refused in one line."""
         if self.embedded_guidance:
             backbone.family.with_embedded_guidance(backbone, self.feature_guidance)
+
+    def check_steps(self, num_steps: int) -> None:
+        """At most as many injected steps as the edit samples (checked again against a record's start level)."""
+        self.feature_levels(num_steps)
 
     def check_model(self, denoiser) -> None:
         """The model must have joint-sequence attention layers (an MM-DiT), and ``blocks`` of them at most."""
@@ -211,14 +232,16 @@ class RFEdit(Editor):
         levels = self.feature_levels(ctx.start_level)
         if not levels or not any(row.is_edit for row in rows):
             return run(list(range(len(rows))), starts)
-        store = ValueStore(steps=len(levels), items=len(ctx.sources))
+        store = ValueStore(steps=len(levels), items=len(ctx.sources),
+                           keep_on="cpu" if self.features_on == "cpu" else None)
+        embedded = ctx.guidance_embedding if self.embedded_guidance is None else self.embedded_guidance
         sigmas = ctx.schedule.sigmas
         with value_injection(ctx.unet, store, self.layers(ctx.unet)), torch.no_grad():
             store.mode = "record"
             for s, k in enumerate(levels):  # the inversion's V at its own latents of level k (one evaluation each)
                 store.step = s
                 x = flow_x(torch.stack([t[k] for t in ctx.trajectories]).to(ctx.device), sigmas[k].to(ctx.device))
-                ctx.velocity(x, k, ctx.sources, self.feature_guidance, self.embedded_guidance)
+                ctx.velocity(x, k, ctx.sources, self.feature_guidance, embedded)
             store.mode, store.step = "inject", 0
             store.cond_items = torch.tensor([row.item if row.is_edit else -1 for row in rows])
             return run(list(range(len(rows))), starts, controller=store)

@@ -258,7 +258,8 @@ class InversionMethod(L.LightningModule):
             negative_is_source=self.unconditional_branch == "source" and all(
                 plan.unconditional == "source" for plan in plans),
             unet=self.backbone.unet, device=dev, start_level=level, annotations=annotations,
-            velocity=self.flow_velocity(schedule, null) if schedule.is_flow else None)
+            velocity=self.flow_velocity(schedule, null) if schedule.is_flow else None,
+            guidance_embedding=self.backbone.family.embedded_guidance(self.backbone) is not None)
         latents = (self.editor or Editor()).sample(run, rows, starts, ctx)
         out, start = [], 0
         for g, targets in enumerate(target_prompts):
@@ -274,8 +275,8 @@ class InversionMethod(L.LightningModule):
         bb = self.backbone
 
         def velocity(x: Tensor, k: int, prompts: list[str], scale: float, embedded: bool) -> Tensor:
-            s, t = schedule.sigmas[k], schedule.level_timestep(k)
-            alpha = None if k > 0 else schedule.alphas[0]  # level 0: timestep 0, the image (the inversions' start)
+            # the level's own timestep and alpha, as the flow solvers evaluate it (level 0: timestep 0, the image)
+            s, t, alpha = schedule.sigmas[k], schedule.level_timestep(k), schedule.alphas[k]
             z, cond = flow_z(x, s), bb.encode_prompts(prompts).to(x.device)
             if embedded or scale == 1:
                 with bb.embedded_guidance_of(scale if embedded else None):
@@ -329,10 +330,11 @@ class InversionMethod(L.LightningModule):
         """Refuse in one line a method or an editor that needs a flow (:attr:`needs_flow`) on a model that is none."""
         if schedule.is_flow:
             return
-        for what, needs in ((self.method_name, self.needs_flow),
-                            (type(self.editor).__name__, (self.editor or Editor()).needs_flow)):
+        editor = self.editor or Editor()
+        for what, needs, does in ((self.method_name, self.needs_flow, "solves a rectified flow's ODE"),
+                                  (type(self.editor).__name__, editor.needs_flow, editor.flow_need)):
             if needs:
-                raise DiffinvError(f"{what} solves a rectified flow's ODE: it runs on flow models (SD 3 / 3.5, "
+                raise DiffinvError(f"{what} {does}: it runs on flow models (SD 3 / 3.5, "
                                    f"FLUX.1), and this model is {self.backbone.family.name}")
 
     def check_items(self, items: list[Item]) -> None:
@@ -353,6 +355,7 @@ class InversionMethod(L.LightningModule):
         if self.editor is not None:
             self.editor.check_model(bb.unet)
             self.editor.check_backbone(bb)
+            self.editor.check_steps(self.num_inference_steps)
             for item in items:
                 self.editor.check(bb.layout, item.source_prompt, item.target_prompts)
         for item in items:

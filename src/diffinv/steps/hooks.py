@@ -28,10 +28,10 @@ class Snap(StepHook):
 
 @dataclass
 class Controlled(StepHook):
-    """Prompt-to-Prompt's attention controller (already installed on the denoiser): told before each step which
-    step of the run it is, counted from the first step sampled (the run starts at level ``top``: step 0 is the
-    step from ``top``, as the authors' code counts), and given the latents after it (local blend), those of every
-    sequence the step carries."""
+    """An editor's attention controller (Prompt-to-Prompt's, RF-Edit's value store; already installed on the
+    denoiser): told before each step which step of the run it is, counted from the first step sampled (the run
+    starts at level ``top``: step 0 is the step from ``top``, as the authors' code counts), and given the latents
+    after it (local blend), those of every sequence the step carries."""
 
     controller: object
     top: int
