@@ -108,8 +108,8 @@ def test_short_samples_of_held_out_captions_classify_right(backbone):
                      backbone.encode_prompts([""] * 8), guidance=7.0)
     images = (backbone.decode(latents).permute(0, 2, 3, 1).numpy() * 255).round()
     acc = attribute_accuracy([classify(i) for i in images], [s.attributes for s in scenes])
-    # shape is not learnt (README: at chance); colour, background and size are
     assert acc["colour"] >= 0.75 and acc["background"] >= 0.75 and acc["size"] >= 0.75, acc
+    assert acc["shape"] >= 0.5, acc  # learnt too (README: 84% at 28 steps), at chance (33%) before its third phase
 
 
 def test_quality_json_meets_its_targets():
@@ -120,10 +120,13 @@ def test_quality_json_meets_its_targets():
     cfg, w1 = q["samples_accuracy_w7"], q["samples_accuracy_w1"]
     assert min(cfg["colour"], cfg["background"], cfg["size"]) >= ATTRIBUTE_TARGET, cfg
     assert q["vae_reconstruction_accuracy"]["all"] >= 0.8  # the ceiling for samples
-    # guidance matters: colour and size (shape, not learnt, sits at chance at both scales)
-    assert cfg["colour"] > w1["colour"] and cfg["size"] > w1["size"] and cfg["all"] > w1["all"], (cfg, w1)
-    assert math.isfinite(q["transformer_minutes"]) and q["total_minutes"] < 80
+    assert cfg["shape"] >= SHAPE_TARGET, cfg
+    # guidance matters, for every attribute it does not get right unguided
+    assert cfg["colour"] > w1["colour"] and cfg["size"] > w1["size"] and cfg["shape"] > w1["shape"], (cfg, w1)
+    assert cfg["all"] > w1["all"], (cfg, w1)
+    assert math.isfinite(q["transformer_minutes"]) and q["total_minutes"] < 150
 
 
 VAE_TARGET = 23.0  # measured 23.9 dB: the stripes are what the 12x12x8 latents lose
-ATTRIBUTE_TARGET = 0.9  # colour, background and size of samples at CFG 7 (measured 100 / 100 / 98%)
+ATTRIBUTE_TARGET = 0.9  # colour, background and size of samples at CFG 7 (measured 99.6 / 100 / 100%)
+SHAPE_TARGET = 0.75  # shape of samples at CFG 7 (measured 84.4%; the VAE's own reconstructions: 86.7%)
