@@ -23,7 +23,7 @@ from PIL import Image
 from diffinv.app.guard import (AUTH_ENV, EMBEDDED, MARKER, ModelMenu, Uploads, exposure_warning, plain, read_auth,
                                scrub)
 from diffinv.app.session import Studio
-from diffinv.backbone import EMBEDDED_MODEL
+from diffinv.backbone import EMBEDDED_MODELS
 from diffinv.cli import main
 from diffinv.errors import DiffinvError
 from diffinv.inversion.record import Inversion
@@ -170,14 +170,18 @@ def test_only_the_servers_models_are_loaded_and_the_refusal_reveals_nothing(page
     assert list(page.studio._models) == [str(Path(page.studio.models.pretrained(page.studio.models.names[0])))]
 
 
-def test_model_menu_names_and_values(tiny_model_dir, tmp_path):
+def test_model_menu_names_and_values(tiny_model_dir, tmp_path, monkeypatch):
     menu = ModelMenu(["shapes", str(tiny_model_dir), "org/model", str(tiny_model_dir), f"{tmp_path}/../{tmp_path.name}"])
     assert menu.names == ["shapes", tiny_model_dir.name, "org/model", tmp_path.name]
     assert menu.pretrained(tiny_model_dir.name) == str(tiny_model_dir.resolve())
     assert menu.name_of(str(tiny_model_dir)) == tiny_model_dir.name and menu.pretrained("shapes") == "shapes"
     with pytest.raises(DiffinvError, match="does not exist"):
         ModelMenu([str(tmp_path / "nope")])  # the operator's own typo is named
-    assert EMBEDDED == EMBEDDED_MODEL
+    assert set(EMBEDDED) == set(EMBEDDED_MODELS)
+    # an embedded model's name is the embedded model, as on the CLI, even beside a folder of that name
+    (tmp_path / "shapes-flow").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert ModelMenu(["shapes-flow"]).pretrained("shapes-flow") == "shapes-flow"
 
 
 def test_what_a_client_typed_is_shown_literally(page, tmp_path):

@@ -30,8 +30,9 @@ SESSIONS = "sessions"
 """The browser sessions' folders inside ``--output_dir``: the only files the page serves."""
 MARKER = ".diffinv-serve"
 """Written by diffinv into each folder it made, so that it never serves or empties a folder it did not make."""
-EMBEDDED = "shapes"
-"""The embedded model's name (:data:`diffinv.backbone.EMBEDDED_MODEL`, which imports torch)."""
+EMBEDDED = ("shapes", "shapes-flow")
+"""The embedded models' names (:data:`diffinv.backbone.EMBEDDED_MODELS`, which imports torch): never a folder of
+that name in the working directory, as the CLI loads them."""
 AUTH_ENV = "DIFFINV_SERVE_AUTH"
 """The environment variable holding ``user:password`` when ``--auth`` is not given."""
 
@@ -124,7 +125,7 @@ class Uploads:
 
 class ModelMenu:
     """The models a page may use, by the names it shows: the server's ``--model`` first, then each
-    ``--allow_model``. A local folder is shown by its folder name, a hub id or ``shapes`` as it is.
+    ``--allow_model``. A local folder is shown by its folder name, a hub id or an embedded model's name as it is.
 
     Args:
         models: ``--model.backbone.pretrained`` values (``shapes``, hub ids in the local cache, diffusers folders).
@@ -138,7 +139,7 @@ class ModelMenu:
             if not value or value in self._values:
                 continue
             path = Path(value).expanduser()
-            local = value != EMBEDDED and (path.exists() or value.startswith((".", "/", "~")))
+            local = value not in EMBEDDED and (path.exists() or value.startswith((".", "/", "~")))
             if local and not path.is_dir():
                 raise DiffinvError(f"model folder {value} does not exist")
             pretrained = str(path.resolve()) if local else value
