@@ -72,11 +72,6 @@ EDITORS = {
     "rf_edit": lambda: RFEdit(inject_steps=3),
     "rf_edit (8 steps)": lambda: RFEdit(inject_steps=8),
 }
-WORLDS = {  # name -> (scenes, render, side in pixels)
-    "unet": (world.sample_scenes, world.render, world.SIZE),
-    "flow": (lambda n, seed, split: world.sample_striped_scenes(n, seed, split),
-             lambda s: world.render_striped(s), world.FLOW_SIZE),
-}
 
 
 def edits_for(scene, rng: np.random.Generator) -> dict[str, object]:
@@ -126,13 +121,13 @@ def main(argv=None) -> list[dict]:
                    default=["DDIM", "NPI", "ProxNPI", "ProxNPI (authors' code)", "NTI", "CycleDiffusion"])
     p.add_argument("--editors", nargs="+", default=list(EDITORS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--world", choices=list(WORLDS), default="unet",
+    p.add_argument("--world", choices=list(world.WORLDS), default="unet",
                    help="the scenes: the U-Net model's 32-pixel world, or the flow model's striped 48-pixel one")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_editing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    sample_scenes, render, side = WORLDS[args.world]
+    sample_scenes, render, side = world.WORLDS[args.world]
     scenes = sample_scenes(args.scenes, args.seed, "held_out")
     cases = [(s, kind, t) for s in scenes for kind, t in edits_for(s, rng).items()]
     items = [Item(f"{i}", render(s), s.caption, [t.caption], resolution=side) for i, (s, _, t) in enumerate(cases)]

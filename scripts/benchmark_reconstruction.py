@@ -61,10 +61,8 @@ METHODS = {
 
 
 def held_out_items(n: int, seed: int, flow: bool = False) -> list[Item]:
-    if flow:  # the flow model's world: 48-pixel scenes on striped backgrounds
-        scenes, draw, side = world.sample_striped_scenes(n, seed, "held_out"), world.render_striped, world.FLOW_SIZE
-    else:
-        scenes, draw, side = world.sample_scenes(n, seed, "held_out"), world.render, world.SIZE
+    sample, draw, side = world.WORLDS["flow" if flow else "unet"]  # flow: 48-pixel scenes on striped backgrounds
+    scenes = sample(n, seed, "held_out")
     return [Item(f"scene-{i}", draw(s), s.caption, [], resolution=side) for i, s in enumerate(scenes)]
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from .backbone import EMBEDDED_MODEL, Backbone, BackboneConfig
 from .data import InputRow, Item, build_items, check_prompt
 from .data.images import rgb_array
+from .data.items import MAX_ASPECT
 from .editing.editor import Editor
 from .errors import DiffinvError
 from .inversion import Inversion, InversionMethod, check_record, registry
@@ -38,8 +39,6 @@ from .output import DONE_MARKER, to_pil
 from .progress import Progress, console_progress, model_progress
 
 
-MAX_ASPECT = 4.0
-"""Images whose long side is more than this many times the short one are refused (the CLI's --data.max_aspect)."""
 
 
 def methods() -> dict[str, str]:
@@ -171,9 +170,10 @@ class Model:
         return out if many else out[0]
 
     def load_inversion(self, path: str | Path, id: str | None = None, progress: bool | Progress = False,
-                       **options) -> Inverted:
-        """See :func:`load_inversion`; ``progress``: as :meth:`invert`'s."""
-        record = Inversion.load(path)
+                       record: Inversion | None = None, **options) -> Inverted:
+        """See :func:`load_inversion`; ``progress``: as :meth:`invert`'s; ``record``: the record already read from
+        ``path`` (by a caller that checked it first: the browser editor), so that what was checked is what runs."""
+        record = Inversion.load(path) if record is None else record
         path = Path(path)
         item_id = id or record.meta.get("item_id") or (path.parent.name if path.name == DONE_MARKER else path.stem)
         if record.model != self.config.pretrained:

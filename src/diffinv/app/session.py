@@ -360,7 +360,7 @@ class Studio:
             with warnings.catch_warnings(record=True) as found:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()
-                inverted = loaded.load_inversion(path, progress=progress,
+                inverted = loaded.load_inversion(path, progress=progress, record=record,
                                                  **self.options(entry, settings.quantile))
                 seconds = time.perf_counter() - t0
             run = self._new_run(session)

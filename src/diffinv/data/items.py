@@ -132,6 +132,11 @@ def manifest_row(obj, folder: Path, where: str) -> InputRow:
     )
 
 
+MAX_ASPECT = 4.0
+"""The default refusal of an image whose long side is over this many times its short one (--data.max_aspect, the
+Python API)."""
+
+
 def build_items(rows: list[InputRow], resolution: int | None, square: bool, max_aspect: float | None = None) -> list[Item]:
     """Read and check every row's image and prompts (any problem: one line naming the row); ids made unique.
     ``max_aspect``: refuse an image whose long side is more than this many times its short one (unless

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import DiffinvError
 from ..output import finished_items, identity
-from .items import InputRow, Item, build_items
+from .items import MAX_ASPECT, InputRow, Item, build_items
 from .perturb import Perturbation
 from .sources import EXAMPLES, coco_rows, pie_bench_rows, read_manifest, record_rows
 
@@ -74,7 +74,7 @@ class InversionData(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 1,
         perturb: Perturbation | None = None,
-        max_aspect: float = 4.0,
+        max_aspect: float = MAX_ASPECT,
         output_dir: str | None = None,
     ):
         """

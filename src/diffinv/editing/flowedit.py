@@ -1,6 +1,7 @@
 """FlowEdit (Kulikov et al., ICCV 2025, "FlowEdit: inversion-free text-based editing using pre-trained flow models"):
-:func:`flowedit` (the math) and :class:`FlowEdit` (the editor, flow models only). An ODE carries the source image's latent straight to the edit, driven by the
-difference of the target and source velocities at noised copies of the source, with no inversion.
+:func:`flowedit` (the math) and :class:`FlowEdit` (the editor, flow models only). An ODE carries the source image's
+latent straight to the edit, driven by the difference of the target and source velocities at noised copies of the
+source, with no inversion.
 
 Symbols: s is the flow's sigma (0: the image, 1: noise), levels 0 .. N with sigmas s_0 = 0 < ... < s_N, v = eps - x0
 = dx/ds. Paper Alg. 1 (authors' ``FlowEditSD3`` / ``FlowEditFLUX``), the edit running the levels k = n_max .. 1::

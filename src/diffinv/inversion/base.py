@@ -187,7 +187,8 @@ class InversionMethod(L.LightningModule):
                 for row in [Row(g, inv.source_prompt, None), *(Row(g, t, t) for t in targets)]]
         dev = self.device
         plans = self.check_plans(inversions)
-        if STEP_KINDS[plans[0].step].flow and not schedule.is_flow:
+        kind = STEP_KINDS[plans[0].step]  # one for the batch (check_plans)
+        if kind.flow and not schedule.is_flow:
             raise DiffinvError(f"the inversion record was made by a flow solver ({plans[0].step}), which steps a "
                                "rectified flow: sample it on a flow model (SD 3 / 3.5, FLUX.1)")
         level = inversions[0].start_level
@@ -212,7 +213,7 @@ class InversionMethod(L.LightningModule):
 
         def step_rule(sel: list[Row], from_editor: bool) -> Step:
             """The records' step rule for the rows ``sel`` (:data:`diffinv.inversion.step_kinds.STEP_KINDS`)."""
-            return STEP_KINDS[plans[0].step].build(plans[0], [inversions[row.item] for row in sel], dev, from_editor)
+            return kind.build(plans[0], [inversions[row.item] for row in sel], dev, from_editor)
 
         def run(picked: list[int], z_start: Tensor, controller=None, start_level: int | None = None) -> Tensor:
             """Sample the rows ``picked`` from ``z_start`` (diffinv.editing.editor.SampleRows)."""
@@ -232,7 +233,7 @@ class InversionMethod(L.LightningModule):
             if observe is not None:
                 hooks.append(Observe(lambda k, z, keep: observe(sel, k, z, keep)))
             guidance = self.guidance(row_scale(row_guidance(sel), z_start), sel, inversions)
-            if STEP_KINDS[plans[0].step].flow and guidance.corrects:
+            if kind.flow and guidance.corrects:
                 raise DiffinvError(f"{self.method_name}'s reconstruction or inversion guidance corrects a DDIM step's "
                                    f"x0 and latent, which the flow solver's step ({plans[0].step}) has not: turn them "
                                    "off (--model.proximal.reconstruction_guidance false, --model.proximal."

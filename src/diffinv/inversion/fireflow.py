@@ -14,7 +14,7 @@ class FireFlowInversion(RFSolverInversion):
     """FireFlow: inversion and sampling by the midpoint rule with the velocity reused from the previous step's
     midpoint (N + 1 evaluations for N steps, against RF-Solver's 2N), the velocity under the source prompt at w = 1
     while inverting. Its records are sampled with the same step ('fireflow'). Runs on flow models only; the
-    paper's editing (its attention-value injection) is not part of it."""
+    paper's editing (its attention-value injection) is the editor :class:`diffinv.editing.RFEdit`."""
 
     method_name = "fireflow"
     step_kind: StepKind = "fireflow"

@@ -28,8 +28,8 @@ class RFSolverInversion(InversionMethod):
     does. Its records are sampled with the same step (the record's typed sampling: 'rf_solver'), by any method.
 
     Runs on flow models (SD 3 / 3.5, FLUX.1) only. The editing of the paper (RF-Solver-Edit: the inversion's
-    attention values injected into FLUX's last single-stream blocks) is not part of it: the edits here are prompt
-    swaps or any editor's.
+    attention values injected into FLUX's last single-stream blocks) is the editor :class:`diffinv.editing.RFEdit`
+    (``configs/flow/rf_edit_*.yaml``); any other editor works too.
     """
 
     method_name = "rf_solver"
@@ -49,7 +49,8 @@ class RFSolverInversion(InversionMethod):
             inversion_guidance: A guidance-distilled model's embedded guidance while inverting (FLUX.1-dev; the
                 authors' released code inverts at 1 and samples at the model's own, ``--model.backbone.
                 embedded_guidance``); ignored on a model without a guidance embedding (SD 3, FLUX.1-schnell).
-            editor: How target prompts edit: none (plain prompt swap), Prompt-to-Prompt or SDEdit.
+            editor: How target prompts edit: none (plain prompt swap), RF-Edit's value injection, Prompt-to-Prompt,
+                SDEdit or FlowEdit.
         """
         super().__init__(backbone, num_inference_steps, guidance_scale, editor)
         check_finite({"inversion_guidance": inversion_guidance})

@@ -92,12 +92,12 @@ class TextLayout:
         to a whole row."""
         if tuple(tokens.shape[1:]) != (self.tokens, self.width):
             raise DiffinvError(f"token states of shape {tuple(tokens.shape)} do not fit the layout (L {self.tokens}, "
-                             f"D {self.width})")
+                               f"D {self.width})")
         if not self.pooled:
             return tokens
         if pooled is None or pooled.shape[-1] != self.pooled:
             raise DiffinvError(f"the layout holds a pooled embedding of width {self.pooled}, got "
-                             f"{None if pooled is None else tuple(pooled.shape)}")
+                               f"{None if pooled is None else tuple(pooled.shape)}")
         rows = torch.nn.functional.pad(pooled, (0, self.pooled_rows * self.width - self.pooled))
         return torch.cat([tokens, rows.view(-1, self.pooled_rows, self.width).to(tokens.dtype)], dim=1)
 
@@ -105,7 +105,7 @@ class TextLayout:
         """The :class:`Conditioning` in a (B, R, D) tensor made by :meth:`pack` (views, no copy of the tokens)."""
         if tuple(cond.shape[1:]) != (self.rows, self.width):
             raise DiffinvError(f"conditioning of shape {tuple(cond.shape)} does not fit the layout ({self.rows} rows "
-                             f"of {self.width})")
+                               f"of {self.width})")
         tokens = cond[:, : self.tokens]
         if not self.pooled:
             return Conditioning(tokens, None)

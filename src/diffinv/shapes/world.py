@@ -231,3 +231,8 @@ def sample_striped_scenes(n: int, seed: int, split: str = "any") -> list[Striped
         out.append(StripedScene(**{f: getattr(s, f) for f in ("size", "colour", "shape", "background", "cx", "cy", "r")},
                                 period=period, angle=angle, phase=phase, amplitude=amplitude))
     return out
+
+
+WORLDS = {"unet": (sample_scenes, render, SIZE), "flow": (sample_striped_scenes, render_striped, FLOW_SIZE)}
+"""name -> (sample_scenes(n, seed, split), render(scene), side in pixels): the U-Net model's 32-pixel world and
+the flow model's striped 48-pixel one (the benchmarks' ``--world``)."""
